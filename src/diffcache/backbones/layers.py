@@ -1,0 +1,124 @@
+"""Building blocks shared by DiT, U-ViT and PixArt.
+
+Parameter names follow timm / the official repositories (``qkv``, ``proj``, ``fc1``, ``fc2``,
+``q_linear``, ``kv_linear``) so official checkpoints load strictly. Outputs always come from
+``scaled_dot_product_attention``; the score helpers (``column_scores``, ``entropy``) are side passes
+used by token-caching policies and never materialise more than one query chunk of the map.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: ``x * (1 + scale) + shift`` with per-sample (B, C) shift/scale."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding as in DiT/ADM: ``[cos(t f), sin(t f)]`` (cos first)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class Mlp(nn.Module):
+    """timm-compatible two-layer MLP (keys ``fc1``, ``fc2``); token-wise, so it runs on any token subset."""
+
+    def __init__(self, dim: int, hidden: int, approximate: str = "none"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate=approximate)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (timm layout: ``qkv`` packs (3, heads, head_dim))."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x: torch.Tensor):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)  # each (B, H, N, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self._qkv(x)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+    @torch.no_grad()
+    def column_scores(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """``sum_i mean_h softmax(q k^T / sqrt(d))[i, j]`` -> (B, N), how much attention each token receives.
+
+        Query-chunked so peak memory is O(B·H·chunk·N), never the full N×N map (ToCa's s1 score).
+        """
+        q, k, _ = self._qkv(x)
+        scale = self.head_dim ** -0.5
+        out = torch.zeros(q.shape[0], k.shape[2], dtype=torch.float32, device=x.device)
+        for s in range(0, q.shape[2], chunk):
+            a = torch.softmax((q[:, :, s:s + chunk].float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
+            out += a.mean(1).sum(1)
+        return out
+
+
+class CrossAttention(nn.Module):
+    """PixArt-style multi-head cross-attention (keys ``q_linear``, ``kv_linear``, ``proj``).
+
+    Query-token-wise: running it on a subset of image tokens gives exactly those tokens' outputs.
+    ``mask`` (B, L) marks valid text tokens; it replaces PixArt's packed block-diagonal mask.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qk_v(self, x: torch.Tensor, cond: torch.Tensor):
+        B, N, C = x.shape
+        L = cond.shape[1]
+        q = self.q_linear(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv_linear(cond).reshape(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, kv[0], kv[1]
+
+    @staticmethod
+    def _bias(mask: torch.Tensor | None):
+        return None if mask is None else mask[:, None, None, :].bool()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self._qk_v(x, cond)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(mask))
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+    @torch.no_grad()
+    def entropy(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Entropy (natural log, +1e-7 inside) of the head-averaged cross-attention row of each token -> (B, N)."""
+        q, k, _ = self._qk_v(x, cond)
+        logits = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim ** -0.5
+        if mask is not None:
+            logits = logits.masked_fill(~self._bias(mask), float("-inf"))
+        p = torch.softmax(logits, dim=-1).mean(1)  # (B, N, L)
+        return -(p * torch.log(p + 1e-7)).sum(-1)

@@ -1,0 +1,77 @@
+"""The solver contract: configuration plus *functional* state.
+
+``state = solver.init(x)``; for each model evaluation ``k`` in ``range(solver.num_evals)``:
+``x_k = solver.model_input(state, k)``, the denoiser evaluates the model there, and
+``state = solver.update(state, out, k)``. History lives in the state object, so one solver instance
+runs a teacher and a student trajectory side by side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ModelOutput:
+    """One (guided) model evaluation in every parametrisation a solver may need.
+
+    eps: noise prediction; x0: data prediction (from eps with this evaluation's alpha/sigma);
+    var_values: DiT/PixArt learned-range variance channels in [-1, 1] (None without learned sigma);
+    raw: the backbone's native output for the batch actually run (for distillation losses).
+    """
+
+    eps: torch.Tensor
+    x0: torch.Tensor
+    var_values: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
+
+
+@dataclass
+class SolverState:
+    """Base state: the current sample plus solver-specific history in ``extra``."""
+
+    x: torch.Tensor
+    k: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Solver:
+    """Abstract solver. Subclasses implement the methods below."""
+
+    name: str = "solver"
+    num_steps: int
+
+    @property
+    def num_evals(self) -> int:
+        raise NotImplementedError
+
+    def model_times(self) -> torch.Tensor:
+        """Backbone time input per evaluation (float64, shape [num_evals])."""
+        raise NotImplementedError
+
+    def step_of(self, k: int) -> int:
+        """Solver step (0 = noisiest) that evaluation ``k`` belongs to."""
+        raise NotImplementedError
+
+    def step_start(self, step: int) -> int:
+        """First evaluation index of ``step``."""
+        raise NotImplementedError
+
+    def alpha_sigma(self, k: int) -> tuple[float, float]:
+        """(alpha, sigma) of the marginal q(x_t | x_0) at evaluation ``k``: x_t = alpha x_0 + sigma eps."""
+        raise NotImplementedError
+
+    def init(self, x: torch.Tensor, start: int = 0) -> SolverState:
+        """State whose next evaluation is ``start`` (a step start), with no history."""
+        raise NotImplementedError
+
+    def model_input(self, state: SolverState, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, state: SolverState, out: ModelOutput, k: int, generator: torch.Generator | None = None) -> SolverState:
+        raise NotImplementedError
+
+    def final(self, state: SolverState) -> torch.Tensor:
+        return state.x
