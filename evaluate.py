@@ -1,0 +1,15 @@
+"""Sample with a cache policy and report compute, latency and error vs the uncached sampler:
+``python evaluate.py backbone=dit solver=ddim50 policy=toca backbone.ckpt=...``."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from diffcache.tasks.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

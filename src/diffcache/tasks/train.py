@@ -1,0 +1,50 @@
+"""``train(cfg)``: router training, callable from tests without ``@hydra.main``."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.datamodule import build_datamodule
+from ..modules.router_distill import RouterDistill
+from ..utils.build import build_backbone, build_callbacks, build_loggers, build_policy, build_solver
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train a cache router; returns the final metrics (also written to ``summary.json``)."""
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = build_backbone(cfg.backbone)
+    solver = build_solver(cfg.solver)
+    policy = build_policy(cfg.policy, backbone, solver)
+    datamodule = build_datamodule(cfg.data, backbone, seed=cfg.seed)
+    module_cfg = OmegaConf.to_container(cfg.module, resolve=True)
+    module = RouterDistill(backbone, solver, policy, data_mode=cfg.data.name, seed=cfg.seed, **module_cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")) or False,
+                                     callbacks=build_callbacks(cfg.get("callbacks")))
+    log.info("training %s router: %s", cfg.policy.name, cfg.run_name)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        router_path = policy.export_official(out / "router")
+        metrics.update(policy.summary())
+        summary = {"run_name": cfg.run_name, "router": str(router_path), "global_step": trainer.global_step,
+                   "overrides": _task_overrides(),
+                   "lam": float(cfg.policy.lam), "theta": float(cfg.policy.theta), **metrics}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("router saved to %s", router_path)
+    return metrics
+
+
+def _task_overrides() -> list[str]:
+    """The command-line overrides of this run (for the sweep summary table)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

@@ -1,0 +1,14 @@
+"""Train a cache router: ``python train.py backbone=uvit solver=dpm20 policy=l2c``."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from diffcache.tasks.train import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
