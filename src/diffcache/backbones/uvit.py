@@ -1,0 +1,259 @@
+"""U-ViT (Bao et al., CVPR 2023) with a cache site on every residual branch.
+
+Behaviour and ``state_dict`` keys follow ``baofff/U-ViT`` ``libs/uvit.py`` so the released ``nnet``
+``.pth`` files (plain state dicts) load strictly:
+
+* time and (optionally) label are *tokens*. The official forward prepends the time token to the patch
+  tokens and then prepends the label token, so the sequence is ``[label, time, patch_0 .. patch_N-1]``
+  (``extras = 2``; ``extras = 1``, time only, for unconditional models). ``pos_embed`` is a learned
+  ``Parameter`` of shape (1, extras + N, D) covering those extra tokens too.
+* pre-norm blocks without adaLN: ``x = x + attn(norm1(x))``; ``x = x + mlp(norm2(x))`` (exact GELU).
+* long skips: the ``depth // 2`` in-blocks push their outputs; the out-blocks pop them and first apply
+  ``skip_linear(cat[x, skip])``. The skip projection is never a cache site, so it is always recomputed
+  (L2C, ``uvit_dynamic.py``), also when the block's attention / MLP branches are reused.
+* ``norm`` -> ``decoder_pred`` -> drop the extra tokens -> unpatchify -> ``final_layer`` (3x3 conv when
+  ``conv=True``; an identity, with no keys, when ``conv=False`` as in both U-ViT-H configs).
+
+Cache-site layer index: in-blocks ``0 .. d-1``, mid-block ``d``, out-blocks ``d+1 .. 2d`` with
+``d = depth // 2`` (29 layers for U-ViT-H/2, ``depth=28``). ``num_prefix_tokens = extras``.
+
+Class-conditional ImageNet models use ``num_classes = 1001``: labels 0..999 plus the null class 1000
+(``null_cond``), as the official classifier-free guidance does (``y = K`` with ``K = 1000``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .base import CachedBackbone
+from .layers import Attention, Mlp, timestep_embedding
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``p x p`` patches -> tokens (key ``proj``, a strided conv)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+
+
+class UViTBlock(nn.Module):
+    """Parameters of one U-ViT block; the forward lives in :meth:`UViT._block` (it needs the sites)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, skip: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # exact GELU (timm default)
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+
+
+def unpatchify(x: torch.Tensor, channels: int, patch_size: int) -> torch.Tensor:
+    """(B, h*w, p*p*C) with (p1, p2, C) ordering -> (B, C, h*p, w*p)."""
+    B, N, _ = x.shape
+    h = w = int(round(N ** 0.5))
+    x = x.reshape(B, h, w, patch_size, patch_size, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, channels, h * patch_size, w * patch_size)
+
+
+class UViT(CachedBackbone):
+    """U-ViT noise-prediction network (``forward(x, t, y) -> eps``)."""
+
+    family = "uvit"
+    site_kinds = ("attn", "mlp")
+    learn_sigma = False
+
+    def __init__(
+        self,
+        img_size: int = 32,
+        patch_size: int = 2,
+        in_chans: int = 4,
+        embed_dim: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        mlp_time_embed: bool = False,
+        num_classes: int = 1001,
+        conv: bool = True,
+        skip: bool = True,
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        if depth < 2:
+            raise ValueError(f"U-ViT needs depth >= 2 (depth // 2 in- and out-blocks), got {depth}")
+        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                           depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                           mlp_time_embed=mlp_time_embed, num_classes=num_classes, conv=conv, skip=skip)
+        self.input_size = img_size
+        self.patch_size = patch_size
+        self.in_channels = self.out_channels = in_chans
+        self.hidden_size = self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.num_classes = num_classes
+        self.num_half = depth // 2
+        self.depth = 2 * self.num_half + 1  # cacheable layers: in + mid + out
+        num_patches = (img_size // patch_size) ** 2
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.time_embed = (
+            nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
+            if mlp_time_embed else nn.Identity()
+        )
+        if num_classes > 0:
+            self.label_emb = nn.Embedding(num_classes, embed_dim)
+            self.extras = 2
+        else:
+            self.label_emb = None
+            self.extras = 1
+        self.num_prefix_tokens = self.extras
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
+
+        self.in_blocks = nn.ModuleList(
+            [UViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(self.num_half)])
+        self.mid_block = UViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias)
+        self.out_blocks = nn.ModuleList(
+            [UViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, skip=skip) for _ in range(self.num_half)])
+
+        self.norm = nn.LayerNorm(embed_dim)
+        self.patch_dim = patch_size ** 2 * in_chans
+        self.decoder_pred = nn.Linear(embed_dim, self.patch_dim, bias=True)
+        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init (as the official code)
+    def initialize_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def unwrap_checkpoint(cls, obj: Any) -> dict[str, torch.Tensor]:
+        """Official ``nnet.pth`` / ``nnet_ema.pth`` are plain state dicts; ``{"state_dict": ...}`` is accepted too."""
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"not a U-ViT nnet checkpoint (expected a plain state dict of tensors), got {keys}")
+        return dict(obj)
+
+    # ------------------------------------------------------------------ conditioning
+    @property
+    def null_class(self) -> int:
+        return self.num_classes - 1
+
+    def null_cond(self, cond):
+        """The null class (``num_classes - 1``, 1000 for ImageNet) in the shape of ``cond``; None if unconditional."""
+        if self.label_emb is None:
+            return None
+        if cond is None:
+            raise ValueError("class-conditional U-ViT: null_cond needs the label tensor to match its shape")
+        return torch.full_like(torch.as_tensor(cond), self.null_class)
+
+    # ------------------------------------------------------------------ forward
+    def _block(self, layer: int, blk: UViTBlock, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if blk.skip_linear is not None:
+            x = blk.skip_linear(torch.cat([x, skip], dim=-1))  # always recomputed, never a cache site
+        x = x + self.site(layer, "attn", blk.attn, blk.norm1(x))
+        x = x + self.site(layer, "mlp", blk.mlp, blk.norm2(x))
+        return x
+
+    def embed(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
+        """Latent, time, label -> the token sequence ``[label, time, patches] + pos_embed`` (B, extras+N, D)."""
+        self.check_input(x)
+        x = self.patch_embed(x)  # (B, N, D)
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        time_token = self.time_embed(timestep_embedding(t, self.embed_dim).to(x.dtype)).unsqueeze(1)
+        tokens = [time_token, x]
+        if self.label_emb is not None:
+            if y is None:
+                raise ValueError("class-conditional U-ViT needs labels y (use null_cond(y) for the unconditional pass)")
+            tokens.insert(0, self.label_emb(torch.as_tensor(y, device=x.device).long()).unsqueeze(1))
+        elif y is not None:
+            raise ValueError("this U-ViT is unconditional (num_classes <= 0) but labels were given")
+        return torch.cat(tokens, dim=1) + self.pos_embed
+
+    def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
+        """x: (B, C, H, W) latent; t: (B,) or scalar time input; y: (B,) labels (None if unconditional)."""
+        x = self.embed(x, t, y)
+        skips = []
+        for i, blk in enumerate(self.in_blocks):
+            x = self._block(i, blk, x)
+            skips.append(x)
+        x = self._block(self.num_half, self.mid_block, x)
+        for j, blk in enumerate(self.out_blocks):
+            x = self._block(self.num_half + 1 + j, blk, x, skips.pop())
+        x = self.decoder_pred(self.norm(x))  # (B, extras+N, p*p*C)
+        x = x[:, self.extras:, :]
+        x = unpatchify(x, self.in_channels, self.patch_size)
+        return self.final_layer(x)
+
+
+# ---------------------------------------------------------------------------------------------- variants
+# Published configurations (baofff/U-ViT configs/*.py). Latent ImageNet models are 4-channel, class-
+# conditional with the null class (num_classes=1001); "U-ViT-H/2" at 512 is really patch 4 (H/4).
+_CONFIGS: dict[str, dict[str, Any]] = {
+    # imagenet256_uvit_huge.py: conv=False
+    "U-ViT-H/2": dict(img_size=32, patch_size=2, in_chans=4, embed_dim=1152, depth=28, num_heads=16,
+                      mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=1001, conv=False),
+    # imagenet512_uvit_huge.py: latent 64, patch 4, conv=False
+    "U-ViT-H/4": dict(img_size=64, patch_size=4, in_chans=4, embed_dim=1152, depth=28, num_heads=16,
+                      mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=1001, conv=False),
+    # imagenet256_uvit.py (U-ViT-L/2): conv default True
+    "U-ViT-L/2": dict(img_size=32, patch_size=2, in_chans=4, embed_dim=1024, depth=20, num_heads=16,
+                      mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=1001, conv=True),
+    # imagenet512_uvit_large.py (U-ViT-L/4)
+    "U-ViT-L/4": dict(img_size=64, patch_size=4, in_chans=4, embed_dim=1024, depth=20, num_heads=16,
+                      mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=1001, conv=True),
+    # pixel-space models of the paper (not used by the caching papers; for completeness)
+    "U-ViT-S/2-cifar10": dict(img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8,
+                              mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=-1),
+    "U-ViT-S/4-celeba64": dict(img_size=64, patch_size=4, in_chans=3, embed_dim=512, depth=12, num_heads=8,
+                               mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=-1),
+    "U-ViT-M/4-imagenet64": dict(img_size=64, patch_size=4, in_chans=3, embed_dim=768, depth=16, num_heads=12,
+                                 mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=1000),
+    "U-ViT-L/4-imagenet64": dict(img_size=64, patch_size=4, in_chans=3, embed_dim=1024, depth=20, num_heads=16,
+                                 mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=1000),
+    # CPU tests and demos: 2 in-blocks, 1 mid, 2 out (5 cache layers); 10 classes + null class 10
+    "tiny_uvit": dict(img_size=8, patch_size=2, in_chans=4, embed_dim=64, depth=4, num_heads=4,
+                      mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=11, conv=True),
+}
+_ALIASES = {"U-ViT-H/2-512": "U-ViT-H/4", "U-ViT-L/2-512": "U-ViT-L/4"}
+
+
+def _factory(name: str) -> Callable[..., UViT]:
+    def build(**overrides) -> UViT:
+        return UViT(**{**_CONFIGS[name], **overrides})
+
+    build.__name__ = "uvit_" + name.replace("/", "_").replace("-", "_")
+    build.__doc__ = f"{name}: {_CONFIGS[name]}"
+    return build
+
+
+VARIANTS: dict[str, Callable[..., UViT]] = {name: _factory(name) for name in _CONFIGS}
+VARIANTS.update({alias: VARIANTS[target] for alias, target in _ALIASES.items()})
+
+
+def register_all(register) -> None:
+    """Register every variant with the backbone registry's ``register(name)`` decorator."""
+    for name, factory in VARIANTS.items():
+        register(name)(factory)
