@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from diffcache.backbones.pixart import VARIANTS, PixArt, sincos_pos_embed_2d
+from diffcache.backbones.layers import sincos_pos_embed_2d
+from diffcache.backbones.pixart import VARIANTS, PixArt
 from diffcache.policies.base import CachePolicy, StepContext
 
 CTX = StepContext(nfe=0, step=0, num_steps=1, num_evals=1)

@@ -19,15 +19,67 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
-    """Sinusoidal embedding as in DiT/ADM: ``[cos(t f), sin(t f)]`` (cos first)."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000, freq_shift: int = 0) -> torch.Tensor:
+    """Sinusoidal embedding as in DiT/ADM: ``[cos(t f), sin(t f)]`` (cos first), ``f_k = P^(-k / (half - shift))``.
+
+    ``freq_shift=1`` is diffusers' ``downscale_freq_shift`` as its DiT port uses it (a small deviation from
+    the official DiT, reproduced only for weights loaded from diffusers directories).
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def sincos_pos_embed_2d(dim: int, grid: int, base_size: int, scale: float = 1.0) -> torch.Tensor:
+    """PixArt/MAE fixed 2-D sin-cos table (grid*grid, dim), float32, computed in float64.
+
+    Positions are ``arange(grid) / (grid / base_size) / scale``. The first ``dim/2`` channels encode the
+    column (w) coordinate, the last ``dim/2`` the row (h) coordinate; each half is ``[sin, cos]`` with
+    frequencies ``10000 ** (-k / (dim/4))``. Tokens are row-major.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    coords = torch.arange(grid, dtype=torch.float64) / (grid / base_size) / scale
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (grid, grid) each
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        quarter = dim // 4
+        omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """timm ``PatchEmbed`` layout (key ``proj``, strided conv with bias)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """256-d sinusoid (cos first) -> Linear -> SiLU -> Linear (keys ``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = 0
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
+        freq = freq.to(self.mlp[0].weight.dtype)
+        return self.mlp(freq)
 
 
 class Mlp(nn.Module):

@@ -28,19 +28,7 @@ import torch
 from torch import nn
 
 from .base import CachedBackbone
-from .layers import Attention, Mlp, timestep_embedding
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping ``p x p`` patches -> tokens (key ``proj``, a strided conv)."""
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+from .layers import Attention, Mlp, PatchEmbed, timestep_embedding
 
 
 class UViTBlock(nn.Module):
