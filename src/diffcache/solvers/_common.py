@@ -1,0 +1,30 @@
+"""Small helpers shared by the solver families (schedule construction, noise, state checks)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import SolverState
+from .schedules import alphas_cumprod_of, make_betas
+
+
+def schedule_alphas_cumprod(schedule: str, num_train_timesteps: int) -> np.ndarray:
+    """float64 alpha_bar of a named beta schedule."""
+    return alphas_cumprod_of(make_betas(schedule, num_train_timesteps))
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn from ``generator`` on the generator's own device (a CPU
+    generator can drive a CUDA sample) and moved to ``x``."""
+    if generator is None:
+        return torch.randn_like(x)
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
+    return noise.to(x.device)
+
+
+def check_eval(solver, state: SolverState, k: int) -> None:
+    """Evaluations must be fed in order: ``k`` is the state's next evaluation."""
+    if not 0 <= k < solver.num_evals:
+        raise IndexError(f"evaluation {k} out of range for {solver.name} with {solver.num_evals} evaluations")
+    if state.k != k:
+        raise ValueError(f"{solver.name}: state expects evaluation {state.k}, got k={k} (updates must be in order)")
