@@ -6,8 +6,10 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from diffcache.tasks.train import train
+    from diffcache.utils.cli import user_errors
 
-    train(cfg)
+    with user_errors():
+        train(cfg)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 def random_cond(backbone, batch: int, generator: torch.Generator):
     """Random conditioning of the right kind for ``backbone`` (class labels or text embeddings)."""
     if backbone.family == "pixart":
-        L_, C = backbone.caption_shape
+        L_, C = backbone.token_num, backbone.caption_channels
         y = torch.randn(batch, L_, C, generator=generator)
         mask = torch.ones(batch, L_, dtype=torch.long)
         return {"y": y, "mask": mask}
-    return torch.randint(0, backbone.num_classes, (batch,), generator=generator)
+    return torch.randint(0, backbone.null_class, (batch,), generator=generator)  # real classes only
 
 
 class IndexDataset(Dataset):

@@ -42,7 +42,7 @@ class RouterDistill(L.LightningModule):
         self.policy = policy
         policy.attach(backbone)
         self.solver = solver
-        self.denoiser = Denoiser(backbone, guidance=1.0)
+        self.denoiser = Denoiser(backbone, guidance=None)  # L2C trains without CFG (label drop only)
         self.cache_evals = list(policy.trainable_evals(solver))
         if not self.cache_evals:
             raise ValueError(f"solver {solver.name} with {solver.num_evals} evaluations has no cache step to train")
