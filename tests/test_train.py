@@ -82,3 +82,19 @@ def test_multirun_sweep_summary(tmp_path):
     table = pd.read_csv(tmp_path / "sweep" / "summary.csv")
     assert sorted(table["lam"].tolist()) == [1e-6, 1e-2]
     assert (tmp_path / "sweep" / "summary.md").read_text().count("\n") == 4
+
+
+def test_train_logs_to_wandb_offline(tmp_path, monkeypatch):
+    """Real W&B in offline mode: metrics and the router heatmap image land in the offline run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg("train", ["logger=wandb", "logger.wandb.offline=true", "trainer=cpu", "trainer.max_steps=2",
+                                "data.batch_size=2", "module.heatmap_every=1", *FAST], tmp_path)
+    train(cfg)
+    import wandb
+
+    wandb.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].rglob("*.wandb")), "no offline run log written"
+    assert list(runs[0].glob("files/media/images/router/heatmap_*.png"))

@@ -115,3 +115,18 @@ def test_attached_policy_must_be_passed():
     NoCache().attach(dit)
     with pytest.raises(ValueError, match="policy attached"):
         sample(dit, make_solver("ddim", 4, "linear"), None, torch.randn(1, 4, 8, 8), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("arch,algo,steps,guidance,schedule", [("tiny_dit", "ddim", 10, 1.5, "linear"),
+                                                               ("tiny_uvit", "dpm_solver2", 10, 0.4, "scaled_linear")])
+def test_l2c_caching_nothing_equals_no_cache_bit_for_bit(arch, algo, steps, guidance, schedule):
+    from diffcache.policies.l2c import L2CPolicy
+
+    model = perturbed(arch)
+    solver = make_solver(algo, steps, schedule)
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 5])
+    ref = sample(model, solver, None, x, y, guidance)
+    keep_all = L2CPolicy(theta=0.0, schedule=solver).attach(model)  # compute iff sigmoid > 0: always
+    assert torch.equal(sample(model, solver, keep_all, x, y, guidance), ref)
+    cache_all = L2CPolicy(theta=1.0, schedule=solver).attach(model)  # sigmoid > 1 never: reuse everything
+    assert not torch.equal(sample(model, solver, cache_all, x, y, guidance), ref)
