@@ -73,7 +73,7 @@ def test_data_options(tmp_path, name):
     extra = []
     if name == "latents":
         torch.save({"latents": torch.randn(6, 4, 8, 8), "labels": torch.arange(6) % 10}, tmp_path / "lat.pt")
-        extra = [f"data.path={tmp_path / 'lat.pt'}", "data.num_workers=0"]
+        extra = [f"data.path={tmp_path / 'lat.pt'}", "data.num_workers=0", "data.batch_size=2"]
     cfg = compose_cfg("train", [f"data={name}", *extra], tmp_path)
     dm = build_datamodule(cfg.data, build_backbone(cfg.backbone))
     batch = next(iter(dm.train_dataloader()))

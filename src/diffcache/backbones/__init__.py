@@ -46,14 +46,16 @@ def load_backbone(arch: str, ckpt: str | None = None, random_init: bool = False,
     Tiny variants (``tiny_*``) are test/demo models and may run on random weights. The result is in eval
     mode: every consumer in this project treats the backbone as a frozen teacher.
     """
+    _populate()
+    if not ckpt and not random_init and not arch.startswith("tiny") and arch in REGISTRY:
+        family = "uvit" if arch.startswith("U-ViT") else "pixart" if arch.startswith("PixArt") else "dit"
+        raise ValueError(  # before building: a 675M-parameter init takes seconds for nothing
+            f"backbone {arch} needs its pretrained weights: pass backbone.ckpt=/path/to/file "
+            f"({WHERE_TO_GET[family]}); nothing is downloaded at run time. "
+            "For speed benchmarks only, backbone.random_init=true runs it with random weights.")
     model = build_backbone(arch, **overrides)
     if ckpt:
         load_checkpoint(model, ckpt)
-    elif not random_init and not arch.startswith("tiny"):
-        raise ValueError(
-            f"backbone {arch} needs its pretrained weights: pass backbone.ckpt=/path/to/file "
-            f"({WHERE_TO_GET.get(model.family, 'the official checkpoint')}); nothing is downloaded at run time. "
-            "For speed benchmarks only, backbone.random_init=true runs it with random weights.")
     return model.eval()
 
 

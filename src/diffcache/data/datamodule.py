@@ -99,6 +99,9 @@ class CacheDataModule(L.LightningDataModule):
             self.dataset = LatentFile(path, backbone)
         else:
             raise ValueError(f"unknown data mode {name!r}; choose noise | synthetic | latents")
+        if len(self.dataset) < batch_size:
+            raise ValueError(f"data={name} has {len(self.dataset)} samples, fewer than data.batch_size={batch_size} "
+                             "(batches drop the remainder, so training would see nothing)")
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.seed)
