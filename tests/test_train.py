@@ -98,3 +98,11 @@ def test_train_logs_to_wandb_offline(tmp_path, monkeypatch):
     assert len(runs) == 1
     assert list(runs[0].rglob("*.wandb")), "no offline run log written"
     assert list(runs[0].glob("files/media/images/router/heatmap_*.png"))
+
+
+def test_train_bf16_autocast(tmp_path):
+    cfg = compose_cfg("train", ["trainer=cpu", "trainer.precision=bf16-mixed", "trainer.max_steps=2",
+                                "data.batch_size=2", "callbacks=none", *FAST], tmp_path)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert json.loads((tmp_path / "summary.json").read_text())["global_step"] == 2
