@@ -12,6 +12,20 @@ from diffcache.tasks.evaluate import evaluate
 EVAL = ["eval.num_samples=3", "eval.batch_size=2", "eval.progress=false", "eval.latency_repeats=1"]
 
 
+def perturbed_ckpt(arch: str, path) -> str:
+    """A tiny backbone whose weights are not the official init (which zeroes DiT/PixArt outputs), saved
+    in its official checkpoint format: what a user would pass as backbone.ckpt."""
+    from diffcache.backbones import build_backbone
+
+    torch.manual_seed(0)
+    m = build_backbone(arch)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"state_dict": m.state_dict()} if m.family == "pixart" else m.state_dict(), path)
+    return str(path)
+
+
 def test_evaluate_none_is_reference(tmp_path):
     cfg = compose_cfg("evaluate", ["backbone=tiny_dit", "solver=ddim20", "policy=none", *EVAL], tmp_path)
     res = evaluate(cfg)
@@ -25,6 +39,7 @@ def test_evaluate_none_is_reference(tmp_path):
                                                      ("tiny_uvit", "dpm20", "toca")])
 def test_evaluate_cached_policy_costs_less_and_differs(tmp_path, backbone, solver, policy):
     extra = ["policy.preset=uvit_dpm20"] if policy == "toca" else []
+    extra.append(f"backbone.ckpt={perturbed_ckpt(backbone, tmp_path / 'teacher.pt')}")
     cfg = compose_cfg("evaluate", [f"backbone={backbone}", f"solver={solver}", f"policy={policy}", *extra, *EVAL],
                       tmp_path)
     res = evaluate(cfg)
@@ -35,10 +50,11 @@ def test_evaluate_cached_policy_costs_less_and_differs(tmp_path, backbone, solve
 
 
 def test_evaluate_batch_size_does_not_change_samples(tmp_path):
-    a = evaluate(compose_cfg("evaluate", ["policy=fora", "eval.num_samples=3", "eval.batch_size=3",
+    ck = f"backbone.ckpt={perturbed_ckpt('tiny_dit', tmp_path / 'teacher.pt')}"
+    a = evaluate(compose_cfg("evaluate", [ck, "policy=fora", "eval.num_samples=3", "eval.batch_size=3",
                                           "eval.latency_repeats=0", "eval.progress=false"], tmp_path / "a"))
-    b = evaluate(compose_cfg("evaluate", ["policy=fora", "eval.num_samples=3", "eval.batch_size=1",
+    b = evaluate(compose_cfg("evaluate", [ck, "policy=fora", "eval.num_samples=3", "eval.batch_size=1",
                                           "eval.latency_repeats=0", "eval.progress=false"], tmp_path / "b"))
     xa, xb = torch.load(tmp_path / "a" / "samples.pt"), torch.load(tmp_path / "b" / "samples.pt")
-    assert torch.allclose(xa, xb, atol=1e-5)
+    assert xa.abs().max() > 0.1 and torch.allclose(xa, xb, atol=1e-5)
     assert a["mse_vs_full"] == pytest.approx(b["mse_vs_full"], rel=1e-3)

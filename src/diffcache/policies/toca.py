@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -369,6 +369,7 @@ class ToCaPolicy(CachePolicy):
                 raise TypeError(f"unknown ToCa options {unknown}; allowed: {sorted(_PARAM_NAMES)}")
         self.geometry: _Geometry | None = None
         self._plans: dict[int, ToCaSchedule] = {}
+        self._needs_memo: dict[int, bool] = {}
         self._cache: dict[tuple[str, int, str], torch.Tensor] = {}
         self._score: dict[tuple[str, int], torch.Tensor] = {}     # s1 (normalised) or entropy H, (B, N_img)
         self._stale: dict[tuple[str, int, str], torch.Tensor] = {}  # s3 counters, (B, N_img) int
@@ -416,6 +417,7 @@ class ToCaPolicy(CachePolicy):
             raise ValueError(f"ToCa preset {self.preset!r} needs a self-attention site for s1")
         self.geometry = geo
         self._plans.clear()
+        self._needs_memo.clear()
         return self
 
     # ------------------------------------------------------------------ planning
@@ -454,7 +456,11 @@ class ToCaPolicy(CachePolicy):
 
     # ------------------------------------------------------------------ the hook
     def _needs_scores(self, sched: ToCaSchedule) -> bool:
-        return any(not all(row) for row in sched.full)
+        """Whether any layer is ever cached in this plan (else the score side passes are skipped)."""
+        memo = self._needs_memo.get(id(sched))
+        if memo is None:
+            memo = self._needs_memo[id(sched)] = any(not all(row) for row in sched.full)
+        return memo
 
     def apply(self, layer: int, kind: str, module, h: torch.Tensor, *args: Any) -> torch.Tensor:
         ctx: StepContext = self.ctx
