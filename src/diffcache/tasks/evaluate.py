@@ -31,14 +31,16 @@ def _device(name: str) -> torch.device:
 
 
 def _batches(cfg, backbone, device):
+    """Noise and conditioning seeded per sample index, so results do not depend on the batch size."""
+    from ..backbones.base import cat_cond
+
     n, bs = int(cfg.eval.num_samples), int(cfg.eval.batch_size)
     shape = (backbone.in_channels, backbone.input_size, backbone.input_size)
     for start in range(0, n, bs):
-        b = min(bs, n - start)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)  # batch-size independent seeds
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed * 7919 + start + i))
-                             for i in range(b)]).to(device)
-        cond = random_cond(backbone, b, g)
+        idx = range(start, min(start + bs, n))
+        gens = [torch.Generator().manual_seed(cfg.seed * 7919 + i) for i in idx]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        cond = cat_cond([random_cond(backbone, 1, g) for g in gens])
         cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
         yield noise, cond
 
