@@ -212,10 +212,8 @@ def test_official_nnet_pth_round_trip(tmp_path):
 
 
 def test_loader_round_trip(tmp_path):
-    weights = pytest.importorskip("diffcache.backbones.weights")
-    load = getattr(weights, "load_checkpoint", None)
-    if load is None:
-        pytest.skip("weights.load_checkpoint not available yet")
+    from diffcache.backbones.weights import load_checkpoint as load
+
     src, dst = tiny(seed=0), tiny(seed=5)
     path = tmp_path / "nnet.pth"
     torch.save(src.state_dict(), path)
