@@ -26,6 +26,8 @@ class CachedBackbone(nn.Module):
 
     family: str = ""
     site_kinds: tuple[str, ...] = ("attn", "mlp")
+    checkpoint_name: str = "backbone"
+    checkpoint_keys: tuple[str, ...] = ("state_dict",)  # wrappers an official file may put the weights under
     num_prefix_tokens: int = 0
     learn_sigma: bool = False
 
@@ -47,6 +49,20 @@ class CachedBackbone(nn.Module):
         if policy is None:
             return module(h, *args)
         return policy.site(layer, kind, module, h, *args)
+
+    @classmethod
+    def unwrap_checkpoint(cls, obj: Any) -> dict[str, torch.Tensor]:
+        """The weights inside an official file: the first of ``checkpoint_keys`` present, else ``obj`` itself."""
+        for key in cls.checkpoint_keys:
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+            wrapped = " or ".join(f"{{'{k}': ...}}" for k in cls.checkpoint_keys)
+            raise ValueError(f"not a {cls.checkpoint_name} checkpoint (expected a state dict of tensors, or {wrapped}), "
+                             f"got {keys}")
+        return dict(obj)
 
     # ---------------------------------------------------------------- introspection
     def cache_sites(self) -> list[tuple[int, str]]:

@@ -60,6 +60,8 @@ class DiT(CachedBackbone):
     """Class-conditional DiT: ``forward(x, t, y) -> (B, out_channels, H, W)``."""
 
     family = "dit"
+    checkpoint_name = "DiT"
+    checkpoint_keys = ("ema", "model")  # DiT train.py checkpoints hold ema and model
     site_kinds = ("attn", "mlp")
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
@@ -111,17 +113,6 @@ class DiT(CachedBackbone):
             nn.init.zeros_(p)
 
     # ------------------------------------------------------------------ checkpoints
-    @classmethod
-    def unwrap_checkpoint(cls, obj: Any) -> dict[str, torch.Tensor]:
-        """Official ``DiT-XL-2-256x256.pt`` is a plain state dict; DiT training checkpoints hold ``model``/``ema``."""
-        if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
-            obj = obj["ema"]
-        elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-            obj = obj["model"]
-        if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"not a DiT checkpoint (expected a state dict of tensors, or {{'ema': ...}}), got {keys}")
-        return dict(obj)
 
     # ------------------------------------------------------------------ conditioning
     @property

@@ -98,6 +98,7 @@ class PixArt(CachedBackbone):
     """PixArt-α text-to-image DiT (``forward(x, t, cond) -> [eps, v]``, 2 * in_channels channels)."""
 
     family = "pixart"
+    checkpoint_name = "PixArt"
     site_kinds = ("attn", "xattn", "mlp")
 
     def __init__(
@@ -175,15 +176,6 @@ class PixArt(CachedBackbone):
         state_dict[prefix + "pos_embed"] = self.pos_embed.detach().clone()
 
     # ------------------------------------------------------------------ checkpoints
-    @classmethod
-    def unwrap_checkpoint(cls, obj: Any) -> dict[str, torch.Tensor]:
-        """Official ``.pth`` files hold ``{"state_dict": ...}``; a plain state dict is accepted too."""
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"not a PixArt checkpoint (expected {{'state_dict': {{...}}}} of tensors), got {keys}")
-        return dict(obj)
 
     @staticmethod
     def _diffusers_get(config: Any, key: str, default=None):

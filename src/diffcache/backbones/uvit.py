@@ -55,6 +55,7 @@ class UViT(CachedBackbone):
     """U-ViT noise-prediction network (``forward(x, t, y) -> eps``)."""
 
     family = "uvit"
+    checkpoint_name = "U-ViT nnet"
     site_kinds = ("attn", "mlp")
     learn_sigma = False
 
@@ -129,17 +130,6 @@ class UViT(CachedBackbone):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    # ------------------------------------------------------------------ checkpoints
-    @classmethod
-    def unwrap_checkpoint(cls, obj: Any) -> dict[str, torch.Tensor]:
-        """Official ``nnet.pth`` / ``nnet_ema.pth`` are plain state dicts; ``{"state_dict": ...}`` is accepted too."""
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"not a U-ViT nnet checkpoint (expected a plain state dict of tensors), got {keys}")
-        return dict(obj)
 
     # ------------------------------------------------------------------ conditioning
     @property
