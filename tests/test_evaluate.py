@@ -58,3 +58,19 @@ def test_evaluate_batch_size_does_not_change_samples(tmp_path):
     xa, xb = torch.load(tmp_path / "a" / "samples.pt"), torch.load(tmp_path / "b" / "samples.pt")
     assert xa.abs().max() > 0.1 and torch.allclose(xa, xb, atol=1e-5)
     assert a["mse_vs_full"] == pytest.approx(b["mse_vs_full"], rel=1e-3)
+
+
+def test_evaluate_router_trained_by_train_py(tmp_path):
+    """train.py writes the router in the official format; evaluate.py samples with it."""
+    from diffcache.tasks.train import train
+
+    ck = f"backbone.ckpt={perturbed_ckpt('tiny_dit', tmp_path / 'teacher.pt')}"
+    train(compose_cfg("train", [ck, "trainer=cpu", "trainer.max_steps=2", "data.batch_size=2", "callbacks=none",
+                                "trainer.enable_progress_bar=false"], tmp_path / "train"))
+    router = tmp_path / "train" / "router.pt"
+    res = evaluate(compose_cfg("evaluate", [ck, "policy=l2c", f"router_ckpt={router}", "policy.theta=0.5", *EVAL],
+                               tmp_path / "eval"))
+    assert 0 < res["macs_ratio"] < 1 and res["mse_vs_full"] > 0
+    with pytest.raises(ValueError, match="routers were made for 20 evaluations"):
+        evaluate(compose_cfg("evaluate", [ck, "solver=ddim50", "policy=l2c", f"router_ckpt={router}", *EVAL],
+                             tmp_path / "eval50"))
