@@ -24,6 +24,8 @@ def test_train_tiny_router(tmp_path, backbone, solver):
     assert (tmp_path / "router_heatmaps").is_dir() and any((tmp_path / "router_heatmaps").glob("*.png"))
     log = pd.read_csv(tmp_path / "csv" / "metrics.csv")
     assert log["train/loss"].notna().sum() == 3
+    saved = log["router/macs_saved"].dropna()
+    assert len(saved) and ((saved >= 0) & (saved < 0.5)).all()  # at most the cache steps' share can be saved
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["state_dict"] and all(k.startswith("policy.") for k in ckpt["state_dict"])

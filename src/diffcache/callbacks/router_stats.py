@@ -37,8 +37,12 @@ class RouterStats(L.Callback):
         self.every = every_n_steps
 
     def _emit(self, trainer: L.Trainer, module) -> None:
+        from ..metrics.cost import policy_cost
+
         policy = module.policy
         stats = policy.summary()
+        # whole-sampler MACs at the current theta (L2C convention, per image, no CFG doubling)
+        stats["macs_saved"] = 1.0 - float(policy_cost(module.backbone, module.solver, policy)["macs_ratio"])
         if not trainer.is_global_zero:
             return
         for lg in trainer.loggers:  # direct, so it also works in on_train_end where self.log is not allowed
