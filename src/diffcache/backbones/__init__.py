@@ -22,7 +22,8 @@ def _populate() -> None:
     from . import dit, pixart, uvit
 
     for mod in (dit, uvit, pixart):
-        mod.register_all(register)
+        for name, factory in mod.VARIANTS.items():
+            register(name)(factory)
 
 
 def available() -> list[str]:

@@ -95,6 +95,21 @@ class CachedBackbone(nn.Module):
             )
 
 
+def make_variants(cls, configs: dict[str, dict[str, Any]], aliases: dict[str, str] | None = None) -> dict[str, Callable]:
+    """``{name: factory}`` for a family's size table; a factory's keyword overrides win over the table."""
+    def factory(name: str):
+        def build(**overrides):
+            return cls(**{**configs[name], **overrides})
+
+        build.__name__ = f"{cls.__name__.lower()}_" + name.replace("/", "_").replace("-", "_")
+        build.__doc__ = f"{name}: {configs[name]}"
+        return build
+
+    table = {name: factory(name) for name in configs}
+    table.update({alias: table[target] for alias, target in (aliases or {}).items()})
+    return table
+
+
 def cat_cond(conds: Sequence[Any]):
     """Concatenate conditioning along the batch: tensors, or dicts of tensors (PixArt text), or None."""
     first = conds[0]

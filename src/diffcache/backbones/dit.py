@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import CachedBackbone
+from .base import CachedBackbone, make_variants
 from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
 
 
@@ -243,18 +243,4 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 _CONFIGS["tiny_dit"] = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
 
-def _factory(name: str) -> Callable[..., DiT]:
-    def build(**overrides) -> DiT:
-        return DiT(**{**_CONFIGS[name], **overrides})
-
-    build.__name__ = "dit_" + name.replace("/", "_").replace("-", "_")
-    build.__doc__ = f"{name}: {_CONFIGS[name]}"
-    return build
-
-
-VARIANTS: dict[str, Callable[..., DiT]] = {name: _factory(name) for name in _CONFIGS}
-
-
-def register_all(register) -> None:
-    for name, factory in VARIANTS.items():
-        register(name)(factory)
+VARIANTS: dict[str, Callable[..., DiT]] = make_variants(DiT, _CONFIGS)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .base import CachedBackbone
+from .base import CachedBackbone, make_variants
 from .layers import Attention, CrossAttention, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 
 
@@ -364,19 +364,4 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _factory(name: str) -> Callable[..., PixArt]:
-    def build(**overrides) -> PixArt:
-        return PixArt(**{**_CONFIGS[name], **overrides})
-
-    build.__name__ = "pixart_" + name.replace("/", "_").replace("-", "_")
-    build.__doc__ = f"{name}: {_CONFIGS[name]}"
-    return build
-
-
-VARIANTS: dict[str, Callable[..., PixArt]] = {name: _factory(name) for name in _CONFIGS}
-
-
-def register_all(register) -> None:
-    """Register every variant with the backbone registry's ``register(name)`` decorator."""
-    for name, factory in VARIANTS.items():
-        register(name)(factory)
+VARIANTS: dict[str, Callable[..., PixArt]] = make_variants(PixArt, _CONFIGS)

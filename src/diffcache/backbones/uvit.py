@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import CachedBackbone
+from .base import CachedBackbone, make_variants
 from .layers import Attention, Mlp, PatchEmbed, timestep_embedding
 
 
@@ -218,20 +218,4 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 _ALIASES = {"U-ViT-H/2-512": "U-ViT-H/4", "U-ViT-L/2-512": "U-ViT-L/4"}
 
 
-def _factory(name: str) -> Callable[..., UViT]:
-    def build(**overrides) -> UViT:
-        return UViT(**{**_CONFIGS[name], **overrides})
-
-    build.__name__ = "uvit_" + name.replace("/", "_").replace("-", "_")
-    build.__doc__ = f"{name}: {_CONFIGS[name]}"
-    return build
-
-
-VARIANTS: dict[str, Callable[..., UViT]] = {name: _factory(name) for name in _CONFIGS}
-VARIANTS.update({alias: VARIANTS[target] for alias, target in _ALIASES.items()})
-
-
-def register_all(register) -> None:
-    """Register every variant with the backbone registry's ``register(name)`` decorator."""
-    for name, factory in VARIANTS.items():
-        register(name)(factory)
+VARIANTS: dict[str, Callable[..., UViT]] = make_variants(UViT, _CONFIGS, _ALIASES)

@@ -30,7 +30,7 @@ the ``meta`` device, no memory), or a plain mapping of the attributes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 CONVENTIONS = ("l2c", "toca")
@@ -57,7 +57,6 @@ class BackboneSpec:
     mlp_time_embed: bool = False    # U-ViT
     conv: bool = False              # U-ViT final 3x3 conv
     freq_dim: int = 256             # DiT / PixArt timestep frequency embedding
-    extra: dict = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:

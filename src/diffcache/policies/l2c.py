@@ -48,7 +48,6 @@ Compute budget (beyond the paper; ``budget=``)
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence

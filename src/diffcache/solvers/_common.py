@@ -1,10 +1,9 @@
-"""Small helpers shared by the solver families (schedule construction, noise, state checks)."""
+"""Small helpers shared by the solver families (schedule construction, noise)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .base import SolverState
 from .schedules import alphas_cumprod_of, make_betas
 
 
@@ -20,11 +19,3 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
         return torch.randn_like(x)
     noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
     return noise.to(x.device)
-
-
-def check_eval(solver, state: SolverState, k: int) -> None:
-    """Evaluations must be fed in order: ``k`` is the state's next evaluation."""
-    if not 0 <= k < solver.num_evals:
-        raise IndexError(f"evaluation {k} out of range for {solver.name} with {solver.num_evals} evaluations")
-    if state.k != k:
-        raise ValueError(f"{solver.name}: state expects evaluation {state.k}, got k={k} (updates must be in order)")

@@ -37,6 +37,14 @@ class SolverState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def check_eval(solver: "Solver", state: SolverState, k: int) -> None:
+    """Evaluations must be fed in order: ``k`` is the state's next evaluation."""
+    if not 0 <= k < solver.num_evals:
+        raise IndexError(f"evaluation {k} out of range for {solver.name} with {solver.num_evals} evaluations")
+    if state.k != k:
+        raise ValueError(f"{solver.name}: state expects evaluation {state.k}, got k={k} (updates must be in order)")
+
+
 class Solver:
     """Abstract solver. Subclasses implement the methods below."""
 
@@ -65,10 +73,15 @@ class Solver:
 
     def init(self, x: torch.Tensor, start: int = 0) -> SolverState:
         """State whose next evaluation is ``start`` (a step start), with no history."""
-        raise NotImplementedError
+        if not 0 <= start < self.num_evals:
+            raise IndexError(f"{self.name}: start {start} out of range [0, {self.num_evals})")
+        if self.step_start(self.step_of(start)) != start:
+            raise ValueError(f"{self.name}: start {start} is not the first evaluation of a solver step")
+        return SolverState(x=x, k=int(start), extra={})
 
     def model_input(self, state: SolverState, k: int) -> torch.Tensor:
-        raise NotImplementedError
+        check_eval(self, state, k)
+        return state.x
 
     def update(self, state: SolverState, out: ModelOutput, k: int, generator: torch.Generator | None = None) -> SolverState:
         raise NotImplementedError

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import torch
 
-from ._common import check_eval, randn_like, schedule_alphas_cumprod
-from .base import ModelOutput, Solver, SolverState
+from ._common import randn_like, schedule_alphas_cumprod
+from .base import ModelOutput, Solver, SolverState, check_eval
 from .schedules import alphas_cumprod_of, respace, space_timesteps
 
 
@@ -64,15 +64,6 @@ class _RespacedSolver(Solver):
     def alpha_sigma(self, k: int) -> tuple[float, float]:
         a = float(self.sched.alphas_cumprod[self._index(k)])
         return math.sqrt(a), math.sqrt(1.0 - a)
-
-    def init(self, x: torch.Tensor, start: int = 0) -> SolverState:
-        if not 0 <= start < self.num_evals:
-            raise IndexError(f"{self.name}: start {start} out of range [0, {self.num_evals})")
-        return SolverState(x=x, k=int(start), extra={})
-
-    def model_input(self, state: SolverState, k: int) -> torch.Tensor:
-        check_eval(self, state, k)
-        return state.x
 
 
 class DDIM(_RespacedSolver):

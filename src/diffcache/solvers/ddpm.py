@@ -5,13 +5,11 @@ The model's variance channels v in [-1, 1] interpolate the log variance between 
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from ._common import check_eval, randn_like
-from .base import ModelOutput, SolverState
+from ._common import randn_like
+from .base import ModelOutput, SolverState, check_eval
 from .ddim import _RespacedSolver
 
 

@@ -14,6 +14,8 @@ branch, so cond and uncond caches never mix.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..backbones.base import cat_cond
@@ -68,7 +70,7 @@ class Denoiser:
             layout = _LAYOUT[self.family]
             pair = [cond, self._uncond(cond)] if layout == "cond_uncond" else [self._uncond(cond), cond]
             raw = self._run(torch.cat([x, x]), torch.cat([t, t]), cat_cond(pair), policy,
-                            StepContext(**{**ctx.__dict__, "cfg_layout": layout}))
+                            replace(ctx, cfg_layout=layout))
             first, second = raw[:B], raw[B:]
             c, u = (first, second) if layout == "cond_uncond" else (second, first)
             if self.family == "dit":

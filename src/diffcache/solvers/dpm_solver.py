@@ -11,8 +11,8 @@ import math
 import numpy as np
 import torch
 
-from ._common import check_eval, schedule_alphas_cumprod
-from .base import ModelOutput, Solver, SolverState
+from ._common import schedule_alphas_cumprod
+from .base import ModelOutput, Solver, SolverState, check_eval
 from .schedules import DiscreteVP
 
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
@@ -74,17 +74,6 @@ class _VPSolver(Solver):
 
     def alpha_sigma(self, k: int) -> tuple[float, float]:
         return float(self._alpha[k]), float(self._sigma[k])
-
-    def init(self, x: torch.Tensor, start: int = 0) -> SolverState:
-        if not 0 <= start < self.num_evals:
-            raise IndexError(f"{self.name}: start {start} out of range [0, {self.num_evals})")
-        if self.step_start(self.step_of(start)) != start:
-            raise ValueError(f"{self.name}: start {start} is not the first evaluation of a solver step")
-        return SolverState(x=x, k=int(start), extra={})
-
-    def model_input(self, state: SolverState, k: int) -> torch.Tensor:
-        check_eval(self, state, k)
-        return state.x
 
 
 class DPMSolver2(_VPSolver):

@@ -6,7 +6,7 @@ float32 schedule alone costs ~1e-6 in alpha_bar near t=T.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
