@@ -5,20 +5,16 @@ import json
 
 import pytest
 import torch
+from tiny_models import Recorder, perturbed
 
 from diffcache.backbones import CheckpointError, build_backbone, count_parameters, load_backbone
 from diffcache.backbones.dit import DiT
 from diffcache.backbones.weights import load_checkpoint
-from diffcache.policies.base import CachePolicy, StepContext
+from diffcache.policies.base import StepContext
 
 
 def tiny(seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    m = build_backbone("tiny_dit").eval()
-    with torch.no_grad():  # the official init zeroes adaLN and the output: perturb so outputs are non-trivial
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+    return perturbed("tiny_dit", seed, scale=0.05)
 
 
 def inputs(m: DiT, B: int = 3):
@@ -46,24 +42,12 @@ def test_all_paper_variants_exist():
             assert (m.depth, m.hidden_size, m.patch_size, m.num_tokens) == (depth, hidden, p, (32 // p) ** 2)
 
 
-class Passthrough(CachePolicy):
-    """Calls every branch but records which sites ran, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.visited = []
-
-    def apply(self, layer, kind, module, h, *args):
-        self.visited.append((layer, kind))
-        return module(h, *args)
-
-
 def test_passthrough_site_is_bit_identical_and_sites_complete():
     m = tiny()
     x, t, y = inputs(m)
     with torch.no_grad():
         plain = m(x, t, y)
-        pol = Passthrough().attach(m)
+        pol = Recorder().attach(m)
         pol.begin(StepContext(nfe=0, step=0, num_steps=1, num_evals=1))
         cached = m(x, t, y)
     assert torch.equal(plain, cached)

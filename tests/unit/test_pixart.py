@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import Recorder, perturbed
 
 from diffcache.backbones.layers import sincos_pos_embed_2d
 from diffcache.backbones.pixart import VARIANTS, PixArt
@@ -23,8 +24,7 @@ def perturb(m, seed: int):
 
 
 def tiny(seed: int = 0, **kw) -> PixArt:
-    torch.manual_seed(seed)
-    return perturb(VARIANTS["tiny_pixart"](**kw).eval(), seed)
+    return perturbed("tiny_pixart", seed, **kw)
 
 
 def inputs(m: PixArt, B: int = 2, seed: int = 1):
@@ -36,16 +36,6 @@ def inputs(m: PixArt, B: int = 2, seed: int = 1):
     for i, n in enumerate([3, 8, 5][:B]):
         mask[i, :n] = 1
     return x, t, {"y": y, "mask": mask}
-
-
-class Recorder(CachePolicy):
-    def __init__(self):
-        super().__init__()
-        self.visited = []
-
-    def apply(self, layer, kind, module, h, *args):
-        self.visited.append((layer, kind))
-        return module(h, *args)
 
 
 # ------------------------------------------------------------------------------------------- sizes / keys

@@ -6,21 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import perturbed
 
-from diffcache.backbones import build_backbone
 from diffcache.policies.none import NoCache
 from diffcache.sampling import sample
 from diffcache.solvers import make_solver
 from diffcache.solvers.denoiser import Denoiser
-
-
-def perturbed(arch: str, seed: int = 0):
-    torch.manual_seed(seed)
-    m = build_backbone(arch).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
 
 
 def reference_dit_ddim(model, x, y, steps: int, scale: float):

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import perturbed
 
 from diffcache.backbones import build_backbone
 from diffcache.backbones.layers import Attention, CrossAttention, Mlp
@@ -25,16 +26,6 @@ from diffcache.policies.toca import (
 )
 from diffcache.sampling import sample
 from diffcache.solvers import make_solver
-
-
-def perturbed(arch: str, seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    m = build_backbone(arch, **kw).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return m
 
 
 def run_inputs(m, B: int = 2, seed: int = 1):

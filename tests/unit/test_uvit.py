@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import Recorder, perturbed
 
 from diffcache.backbones.uvit import VARIANTS, UViT
 from diffcache.policies.base import CachePolicy, StepContext
@@ -11,12 +12,7 @@ CTX = StepContext(nfe=0, step=0, num_steps=1, num_evals=1)
 
 
 def tiny(seed: int = 0, **kw) -> UViT:
-    torch.manual_seed(seed)
-    m = VARIANTS["tiny_uvit"](**kw).eval()
-    with torch.no_grad():  # move every tensor off its init (LayerNorm 1/0, zero biases)
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m
+    return perturbed("tiny_uvit", seed, **kw)  # every tensor off its init (LayerNorm 1/0, zero biases)
 
 
 def inputs(m: UViT, B: int = 2, seed: int = 1):
@@ -38,17 +34,6 @@ def uvit_params(D, depth, patch, in_ch, tokens, num_classes, conv, mlp_ratio=4):
     n += 2 * D + D * patch * patch * in_ch + patch * patch * in_ch  # norm + decoder_pred
     n += (in_ch * in_ch * 9 + in_ch) if conv else 0  # final_layer
     return n
-
-
-class Recorder(CachePolicy):
-    def __init__(self):
-        super().__init__()
-        self.visited, self.shapes = [], []
-
-    def apply(self, layer, kind, module, h, *args):
-        self.visited.append((layer, kind))
-        self.shapes.append(tuple(h.shape))
-        return module(h, *args)
 
 
 class ReuseAll(CachePolicy):

@@ -1,0 +1,35 @@
+"""Shared test helpers: tiny backbones moved off their official init, and a site-recording policy."""
+from __future__ import annotations
+
+import torch
+
+from diffcache.backbones import build_backbone
+from diffcache.policies.base import CachePolicy
+
+
+def perturbed(arch: str, seed: int = 0, scale: float = 0.1, **kw):
+    """A tiny backbone in eval mode with ``scale``-sized noise added to every parameter.
+
+    The official DiT / PixArt init zeroes adaLN gates, cross-attention projections and the output layer,
+    so an unperturbed tiny model returns zeros and any comparison of outputs would pass trivially.
+    """
+    torch.manual_seed(seed)  # the init too: equal seeds give equal models
+    m = build_backbone(arch, **kw).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return m
+
+
+class Recorder(CachePolicy):
+    """Computes every branch and records which sites ran, in order, with their input shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.visited, self.shapes = [], []
+
+    def apply(self, layer, kind, module, h, *args):
+        self.visited.append((layer, kind))
+        self.shapes.append(tuple(h.shape))
+        return module(h, *args)
