@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import diffcache  # noqa: F401  (registers the config resolvers before Hydra names the run directory)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:

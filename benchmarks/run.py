@@ -14,25 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from diffcache.backbones import load_backbone  # noqa: E402
-from diffcache.metrics.cost import policy_cost  # noqa: E402
-from diffcache.metrics.latency import measure  # noqa: E402
-from diffcache.sampling import sample  # noqa: E402
-from diffcache.solvers import make_solver  # noqa: E402
-from diffcache.utils.build import build_policy  # noqa: E402
+from diffcache.backbones import load_backbone
+from diffcache.metrics.cost import policy_cost
+from diffcache.metrics.latency import measure
+from diffcache.policies.fora import FORAPolicy
+from diffcache.policies.toca import ToCaPolicy
+from diffcache.sampling import sample
+from diffcache.solvers import make_solver
 
 POLICIES = {
-    "toca": {"name": "toca", "preset": "dit_ddim50", "fresh_threshold": 3},
-    "fora": {"name": "fora", "interval": 3},
+    "toca": lambda: ToCaPolicy("dit_ddim50", fresh_threshold=3),
+    "fora": lambda: FORAPolicy(interval=3),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
@@ -44,7 +40,7 @@ def _dtype(args):
 def speed(args) -> list[dict]:
     dev = torch.device(args.device)
     model = load_backbone(args.arch, random_init=True).to(dev, _dtype(args))
-    solver = make_solver("ddim", args.steps, "linear")
+    solver = make_solver("ddim", args.steps, schedule="linear")
     rows = []
     for bs in args.batch:
         noise = torch.randn(bs, model.in_channels, model.input_size, model.input_size, device=dev, dtype=_dtype(args))
@@ -52,10 +48,9 @@ def speed(args) -> list[dict]:
         run = lambda pol: sample(model, solver, pol, noise, y, guidance=args.guidance)  # noqa: E731
         full = measure(lambda: run(None), repeats=args.repeats, warmup=1, device=dev)
         for name in args.policies:
-            pol = build_policy(dict(POLICIES[name]), model, solver).to(dev)
+            pol = POLICIES[name]().to(dev)
             lat = measure(lambda: run(pol), repeats=args.repeats, warmup=1, device=dev)
             cost = policy_cost(model, solver, pol, guidance=args.guidance)
-            pol.detach()
             speedup = full["mean_s"] / lat["mean_s"]
             row = {"arch": args.arch, "device": str(dev), "batch": bs, "steps": args.steps, "policy": name,
                    "latency_full_s": round(full["mean_s"], 4), "latency_s": round(lat["mean_s"], 4),
@@ -73,8 +68,8 @@ def train(args) -> list[dict]:
 
     dev = torch.device(args.device)
     model = load_backbone(args.arch, random_init=True).to(dev)
-    solver = make_solver("ddim", args.steps, "linear")
-    policy = L2CPolicy(schedule=solver).attach(model).to(dev)
+    solver = make_solver("ddim", args.steps, schedule="linear")
+    policy = L2CPolicy(solver=solver, layout=model.layout).to(dev)
     module = RouterDistill(model, solver, policy, lam=1e-6).to(dev)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if dev.type == "cuda"

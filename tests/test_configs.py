@@ -1,7 +1,6 @@
-"""Every option of every config group composes and instantiates (tiny sizes where needed).
-
-Real-size backbones are built on the meta device (shapes only, no memory); GPU trainer configs are
-instantiated with the accelerator switched to CPU when no GPU is present.
+"""Every option of every config group composes, instantiates through its ``_target_`` and does its job
+(tiny sizes where needed). Real-size backbones are built on the meta device (shapes only, no memory);
+GPU trainer configs are instantiated with the accelerator switched to CPU when no GPU is present.
 """
 from __future__ import annotations
 
@@ -10,32 +9,45 @@ import torch
 from hydra.utils import instantiate
 from hydra_utils import CONF, compose_cfg
 
+from diffcache.sampling import sample
 from diffcache.utils.build import build_backbone, build_callbacks, build_loggers, build_policy, build_solver
+from diffcache.utils.resolvers import slug
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def test_config_groups_exist():
-    for group in ["backbone", "solver", "policy", "module", "data", "metrics", "trainer", "logger", "callbacks",
+def test_config_groups_exist_and_every_node_names_its_class(tmp_path):
+    for group in ["backbone", "solver", "policy", "module", "data", "trainer", "logger", "callbacks",
                   "paths", "hydra", "debug", "experiment"]:
         assert options(group), group
     assert set(options("trainer")) == {"default", "cpu", "gpu", "ddp", "ddp_sim"}
     assert set(options("logger")) == {"csv", "wandb", "tensorboard"}
     assert {"ddim20", "ddim50", "ddim250", "ddpm250", "dpm20", "dpm50", "dpmpp20"} <= set(options("solver"))
-    assert {"none", "l2c", "toca", "fora"} <= set(options("policy"))
+    assert {"none", "l2c", "toca", "fora", "toca_dit_ddim50", "toca_pixart_r70"} <= set(options("policy"))
+    for group in ("backbone", "solver", "policy", "module", "data"):
+        for name in options(group):
+            cfg = compose_cfg("train", [f"{group}={name}"], tmp_path)
+            assert "_target_" in cfg[group], f"{group}={name} has no _target_"
 
 
 @pytest.mark.parametrize("name", options("backbone"))
 def test_backbone_options(tmp_path, name):
     cfg = compose_cfg("train", [f"backbone={name}", "backbone.random_init=true"], tmp_path)
-    tiny = name.startswith("tiny")
+    tiny = name.startswith(("tiny", "mnist"))
     with torch.device("cpu" if tiny else "meta"):
         bb = build_backbone(cfg.backbone)
-    assert bb.family == {"dit": "dit", "uvit": "uvit", "pixart": "pixart"}[name.split("_")[-1] if tiny else name.split("_")[0]]
-    assert len(bb.cache_sites()) == bb.depth * len(bb.site_kinds)
-    assert cfg.run_name.startswith(f"{name}-ddim20-l2c")
+    assert bb.layout.num_sites == len(bb.cache_sites()) == bb.depth * len(bb.site_kinds)
+    assert cfg.run_name.startswith(slug(cfg.backbone.arch) + "-ddim_20-l2c")
+    assert cfg.policy.theta == cfg.backbone.l2c.theta  # the family's L2C recipe reaches the policy
+
+
+def test_run_name_follows_what_runs_not_the_option_name(tmp_path):
+    cfg = compose_cfg("train", ["backbone=dit", "backbone.arch=DiT-L/2"], tmp_path)
+    assert cfg.run_name == "DiT-L_2-ddim_20-l2c" and "/" not in cfg.run_name
+    cfg = compose_cfg("train", ["backbone=tiny_uvit", "solver=dpm20", "policy=l2c"], tmp_path)
+    assert "tiny_uvit-dpm_solver2_20-l2c" in cfg.hydra.run.dir
 
 
 @pytest.mark.parametrize("name", options("solver"))
@@ -47,43 +59,44 @@ def test_solver_options(tmp_path, name, backbone):
     assert len(solver.model_times()) == solver.num_evals
 
 
+def _backbone_for(policy_name: str) -> str:
+    return "tiny_pixart" if "pixart" in policy_name else "tiny_uvit" if "uvit" in policy_name else "tiny_dit"
+
+
 @pytest.mark.parametrize("name", options("policy"))
-def test_policy_options(tmp_path, name):
-    cfg = compose_cfg("train", [f"policy={name}", "solver=ddim50"], tmp_path)
-    bb = build_backbone(cfg.backbone)
-    policy = build_policy(cfg.policy, bb, build_solver(cfg.solver))
-    assert policy.name == name
-    assert bb.policy is policy
+def test_policy_options_sample(tmp_path, name):
+    cfg = compose_cfg("train", [f"policy={name}", f"backbone={_backbone_for(name)}", "solver=ddim20"], tmp_path)
+    bb, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
+    policy = build_policy(cfg.policy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, bb.in_channels, bb.input_size, bb.input_size, generator=g)
+    out = sample(bb, solver, policy, x, bb.random_cond(1, g), guidance=cfg.backbone.guidance)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert bb.policy is None  # bound for the run only
+    if name.startswith("toca_"):
+        assert policy.preset == name[len("toca_"):]
 
 
 @pytest.mark.parametrize("name", options("module"))
 def test_module_options(tmp_path, name):
-    from diffcache.modules.router_distill import RouterDistill
-
     cfg = compose_cfg("train", [f"module={name}"], tmp_path)
-    bb, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
-    module = RouterDistill(bb, solver, build_policy(cfg.policy, bb, solver), **cfg.module)
-    assert module.lr == cfg.module.lr and module.cache_evals
+    bb, solver, policy = build_backbone(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
+    module = instantiate(cfg.module)(bb, solver, policy)
+    opt = module.configure_optimizers()
+    assert opt.param_groups[0]["lr"] == cfg.module.optimizer.lr and module.cache_evals
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in policy.parameters()}
 
 
 @pytest.mark.parametrize("name", options("data"))
 def test_data_options(tmp_path, name):
-    from diffcache.data.datamodule import build_datamodule
-
     extra = []
     if name == "latents":
         torch.save({"latents": torch.randn(6, 4, 8, 8), "labels": torch.arange(6) % 10}, tmp_path / "lat.pt")
         extra = [f"data.path={tmp_path / 'lat.pt'}", "data.num_workers=0", "data.batch_size=2"]
     cfg = compose_cfg("train", [f"data={name}", *extra], tmp_path)
-    dm = build_datamodule(cfg.data, build_backbone(cfg.backbone))
+    dm = instantiate(cfg.data).bind(build_backbone(cfg.backbone))
     batch = next(iter(dm.train_dataloader()))
     assert ("x0" in batch) == (name != "noise")
-
-
-@pytest.mark.parametrize("name", options("metrics"))
-def test_metrics_options(tmp_path, name):
-    cfg = compose_cfg("evaluate", [f"metrics={name}"], tmp_path)
-    assert cfg.metrics.name == name
 
 
 @pytest.mark.parametrize("name", options("trainer"))
@@ -117,10 +130,11 @@ def test_callback_options(tmp_path, name):
     assert len(cbs) == len([v for v in (cfg.callbacks or {}).values() if v])
 
 
-@pytest.mark.parametrize("name", options("debug"))
-def test_debug_options(tmp_path, name):
-    cfg = compose_cfg("train", [f"debug={name}"], tmp_path)
-    assert cfg.callbacks is None
+def test_debug_is_composed_last_and_wins_over_experiment(tmp_path):
+    """Defect: debug was composed before experiment, so max_steps=20000 and devices=8 survived."""
+    cfg = compose_cfg("train", ["experiment=l2c_dit_ddim20", "debug=default"], tmp_path)
+    assert cfg.trainer.max_steps == 3 and cfg.trainer.devices == 1 and cfg.trainer.accelerator == "cpu"
+    assert cfg.callbacks is None and build_callbacks(cfg.callbacks) == []
 
 
 @pytest.mark.parametrize("name", options("experiment"))
@@ -130,8 +144,10 @@ def test_experiment_options(tmp_path, name):
     with torch.device("meta"):
         bb = build_backbone(cfg.backbone)
     solver = build_solver(cfg.solver)
-    policy = build_policy(cfg.policy, bb, solver)
-    assert policy.name == cfg.policy.name
+    policy = build_policy(cfg.policy)
+    policy.setup(bb, solver)
+    mask = policy.compute_mask(bb.layout, solver)
+    assert mask is not None and set(mask) == {(e, l, k) for e in range(solver.num_evals) for l, k in bb.cache_sites()}
 
 
 def test_experiment_hyperparameters_match_reference(tmp_path):
@@ -142,10 +158,13 @@ def test_experiment_hyperparameters_match_reference(tmp_path):
         cfg = compose_cfg("train", [f"experiment={name}"], tmp_path)
         assert (cfg.policy.lam, cfg.policy.theta, cfg.policy.clamp, cfg.module.loss_reduction, cfg.trainer.max_steps) \
             == (lam, theta, clamp, red, steps), name
-        assert cfg.module.lr == 1e-3 and cfg.module.label_drop == 0.1
+        assert cfg.module.optimizer.lr == 1e-3 and cfg.module.label_drop == 0.1
         assert cfg.data.batch_size * cfg.trainer.devices == 64
 
 
-def test_run_dir_named_after_choices(tmp_path):
-    cfg = compose_cfg("train", ["backbone=tiny_uvit", "solver=dpm20", "policy=l2c"], tmp_path)
-    assert "tiny_uvit-dpm20-l2c" in cfg.hydra.run.dir
+def test_family_recipe_without_experiment(tmp_path):
+    """backbone=uvit alone takes U-ViT's L2C recipe (lambda 0.1, sum, theta 0.9, no clamp); overrides win."""
+    cfg = compose_cfg("train", ["backbone=uvit", "solver=dpm20"], tmp_path)
+    assert (cfg.policy.lam, cfg.policy.theta, cfg.policy.clamp, cfg.module.loss_reduction) == (0.1, 0.9, None, "sum")
+    cfg = compose_cfg("train", ["backbone=uvit", "policy.theta=0.5"], tmp_path)
+    assert cfg.policy.theta == 0.5

@@ -1,11 +1,27 @@
-"""``sample()``: the one sampling loop behind training, evaluation, benchmarks and tests."""
+"""``sample()``: the one sampling loop behind training, evaluation, benchmarks and tests.
+
+:func:`advance` is the loop itself (evaluations ``state.k .. stop-1``); ``sample()`` binds the policy
+for the run and advances from noise to the end, and router distillation advances its no-grad prefix
+through the same function.
+"""
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
-from .solvers.base import Solver
-from .solvers.denoiser import Denoiser
+from .denoiser import Denoiser
+from .policies.base import run_with
+from .solvers.base import Solver, SolverState
+
+
+def advance(den: Denoiser, solver: Solver, state: SolverState, cond, stop: int | None = None, *,
+            generator: torch.Generator | None = None, progress: bool = False, desc: str | None = None) -> SolverState:
+    """Run evaluations ``state.k`` .. ``stop - 1`` (default: to the end) and return the new state."""
+    stop = solver.num_evals if stop is None else int(stop)
+    for k in tqdm(range(state.k, stop), desc=desc or solver.name, disable=not progress, leave=False):
+        out = den(solver.model_input(state, k), k, solver, cond)
+        state = solver.update(state, out, k, generator=generator)
+    return state
 
 
 @torch.no_grad()
@@ -13,20 +29,11 @@ def sample(backbone, solver: Solver, policy, noise: torch.Tensor, cond, guidance
            progress: bool = False, generator: torch.Generator | None = None, uncond=None) -> torch.Tensor:
     """Run ``solver`` from ``noise`` with ``backbone`` under ``policy`` (None: the uncached model).
 
-    The policy is reset first (a new run), attached to ``backbone`` if it is not, and told the step
-    context of every evaluation by the :class:`Denoiser`. ``generator`` feeds stochastic solvers
-    (DDPM, DDIM with eta > 0).
+    The policy is bound for this run only, with hard (inference) routing, and released on return or
+    error. ``generator`` feeds stochastic solvers (DDPM, DDIM with eta > 0).
     """
-    if policy is not None:
-        if policy.backbone is not backbone:
-            policy.attach(backbone)
-        policy.reset()
-    elif backbone.policy is not None:
-        raise ValueError("backbone has a policy attached; pass it as policy= (or detach it for an uncached run)")
     den = Denoiser(backbone, guidance, uncond=uncond)
-    state = solver.init(noise)
-    desc = f"{getattr(solver, 'name', 'sample')} ({type(policy).__name__ if policy is not None else 'no cache'})"
-    for k in tqdm(range(solver.num_evals), desc=desc, disable=not progress, leave=False):
-        out = den(solver.model_input(state, k), k, solver, cond, policy)
-        state = solver.update(state, out, k, generator=generator)
+    desc = f"{solver.name} ({type(policy).__name__ if policy is not None else 'no cache'})"
+    with run_with(policy, backbone, solver):
+        state = advance(den, solver, solver.init(noise), cond, generator=generator, progress=progress, desc=desc)
     return solver.final(state)

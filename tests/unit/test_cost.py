@@ -161,7 +161,7 @@ def test_l2c_convention_equals_hooked_macs(arch, alg, n, which):
                                   "tiny_uvit": "uvit_dpm20"}[arch], fresh_threshold=2, fresh_ratio=0.4, w_t=0.0,
                                  score="none")}[which]
     x = torch.randn(1, m.in_channels, m.input_size, m.input_size)
-    if m.family == "pixart":
+    if m.text_conditioned:
         cond = {"y": torch.randn(1, m.token_num, m.caption_channels), "mask": torch.ones(1, m.token_num)}
     else:
         cond = torch.tensor([3])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import Recorder, perturbed
+from tiny_models import Recorder, bound_for_test, perturbed
 
 from diffcache.backbones import CheckpointError, build_backbone, count_parameters, load_backbone
 from diffcache.backbones.dit import DiT
@@ -47,7 +47,7 @@ def test_passthrough_site_is_bit_identical_and_sites_complete():
     x, t, y = inputs(m)
     with torch.no_grad():
         plain = m(x, t, y)
-        pol = Recorder().attach(m)
+        pol = bound_for_test(Recorder(), m)
         pol.begin(StepContext(nfe=0, step=0, num_steps=1, num_evals=1))
         cached = m(x, t, y)
     assert torch.equal(plain, cached)

@@ -26,7 +26,8 @@ from diffcache.policies.l2c import (
     site_costs,
     theta_for_budget,
 )
-from diffcache.policies.l2c_ckpt import RouterCheckpointError, load_official, save_official
+from diffcache.policies.l2c import RouterCheckpointError, load_official, save_official
+from tiny_models import bound_for_test
 
 FIXTURES = Path(__file__).resolve().parents[2] / "../shared/fixtures/l2c_routers"
 needs_routers = pytest.mark.skipif(not FIXTURES.is_dir(),
@@ -94,55 +95,9 @@ def _run(bb, policy, x, times, branch="all", nfe_list=None):
     return x, outs
 
 
-@pytest.fixture
-def bb():
-    torch.manual_seed(0)
-    return StandIn(depth=3, dim=8).eval().requires_grad_(False)
-
-
-# ============================================================================ schedules
-def test_ddim_schedule_alternates_first_full_router_is_respaced_index():
-    s = make_schedule("ddim20")
-    assert s.kind == "alternating" and s.num_evals == 20 and s.num_routers == 20
-    assert s.cache_evals() == list(range(1, 20, 2))
-    # respaced index N-1-step: the official DiT reads even indices 0..N-2, from 18 down to 0
-    assert s.used_routers() == list(range(18, -1, -2))
-    assert all(s.source[e] == e - 1 for e in s.cache_evals())
-    assert s.router[0] is None and s.router[19] == 0
-    assert make_schedule(("ddim", 20)) == s == make_schedule("ddpm20") == alternating_schedule(20)
-    assert make_schedule("dpmpp20").cache_evals() == s.cache_evals()  # DPM-Solver++ multistep: like DDIM
-
-
-@pytest.mark.parametrize("spec", ["ddim19", ("ddim", 7), ("dpmpp", 9)])
-def test_alternating_schedule_rejects_odd_step_count(spec):
-    with pytest.raises(ValueError, match="even number of steps"):
-        make_schedule(spec)
-
-
-@pytest.mark.parametrize("nfe, n_cache", [(20, 9), (50, 24)])
-def test_dpm_solver2_schedule_is_shifted(nfe, n_cache):
-    s = make_schedule(f"dpm{nfe}")
-    assert s.kind == "shifted" and s.num_evals == nfe and s.num_steps == nfe // 2 and s.num_routers == nfe
-    one_based = [e + 1 for e in s.cache_evals()]
-    assert one_based == list(range(3, nfe, 2)) and len(one_based) == n_cache
-    assert s.used_routers() == list(range(1, nfe // 2))  # U-ViT routers 1 .. N/2-1
-    # each step start t_j reuses the previous step's midpoint s1_{j-1}; midpoints are never cached
-    assert all(s.source[e] == e - 1 and e % 2 == 0 for e in s.cache_evals())
-    assert all(s.router[e] is None for e in range(1, nfe, 2))
-    assert make_schedule(("dpm_solver2", nfe // 2)) == s == shifted_schedule(nfe // 2)
-
-
-def test_cache_interval_reuses_one_full_step():
-    s = make_schedule("ddim12", cache_interval=3)
-    assert [e for e in range(12) if not s.is_cache(e)] == [0, 3, 6, 9]
-    assert [s.source[e] for e in s.cache_evals()] == [0, 0, 3, 3, 6, 6, 9, 9]
-    assert [s.router[e] for e in s.cache_evals()] == [12 - 1 - e for e in s.cache_evals()]
-    assert make_schedule("ddim13", cache_interval=3).num_evals == 13  # no parity constraint beyond k=2
-    with pytest.raises(ValueError, match="only defined for one-evaluation-per-step"):
-        make_schedule("dpm20", cache_interval=3)
-
-
 class _FakeSolver:
+    """Only what a schedule may read: num_steps, num_evals, step_of (never the name)."""
+
     def __init__(self, name, num_steps, per_step):
         self.name, self.num_steps, self.per = name, num_steps, per_step
         self.num_evals = num_steps * per_step
@@ -151,17 +106,76 @@ class _FakeSolver:
         return k // self.per
 
 
+def ddim(n):
+    return _FakeSolver("ddim", n, 1)
+
+
+def dpm(nfe):
+    return _FakeSolver("dpm_solver2", nfe // 2, 2)
+
+
+@pytest.fixture
+def bb():
+    torch.manual_seed(0)
+    return StandIn(depth=3, dim=8).eval().requires_grad_(False)
+
+
+# ============================================================================ schedules
+def test_ddim_schedule_alternates_first_full_router_is_respaced_index():
+    s = make_schedule(ddim(20))
+    assert s.kind == "alternating" and s.num_evals == 20 and s.num_routers == 20
+    assert s.cache_evals() == list(range(1, 20, 2))
+    # respaced index N-1-step: the official DiT reads even indices 0..N-2, from 18 down to 0
+    assert s.used_routers() == list(range(18, -1, -2))
+    assert all(s.source[e] == e - 1 for e in s.cache_evals())
+    assert s.router[0] is None and s.router[19] == 0
+    assert s == alternating_schedule(20)  # DDPM and DPM-Solver++ multistep (one evaluation per step): the same
+
+
+@pytest.mark.parametrize("n", [19, 7, 9])
+def test_alternating_schedule_rejects_odd_step_count(n):
+    with pytest.raises(ValueError, match="even number of steps"):
+        make_schedule(ddim(n))
+
+
+@pytest.mark.parametrize("nfe, n_cache", [(20, 9), (50, 24)])
+def test_dpm_solver2_schedule_is_shifted(nfe, n_cache):
+    s = make_schedule(dpm(nfe))
+    assert s.kind == "shifted" and s.num_evals == nfe and s.num_steps == nfe // 2 and s.num_routers == nfe
+    one_based = [e + 1 for e in s.cache_evals()]
+    assert one_based == list(range(3, nfe, 2)) and len(one_based) == n_cache
+    assert s.used_routers() == list(range(1, nfe // 2))  # U-ViT routers 1 .. N/2-1
+    # each step start t_j reuses the previous step's midpoint s1_{j-1}; midpoints are never cached
+    assert all(s.source[e] == e - 1 and e % 2 == 0 for e in s.cache_evals())
+    assert all(s.router[e] is None for e in range(1, nfe, 2))
+    assert s == shifted_schedule(nfe // 2)
+
+
+def test_cache_interval_reuses_one_full_step():
+    s = make_schedule(ddim(12), cache_interval=3)
+    assert [e for e in range(12) if not s.is_cache(e)] == [0, 3, 6, 9]
+    assert [s.source[e] for e in s.cache_evals()] == [0, 0, 3, 3, 6, 6, 9, 9]
+    assert [s.router[e] for e in s.cache_evals()] == [12 - 1 - e for e in s.cache_evals()]
+    assert make_schedule(ddim(13), cache_interval=3).num_evals == 13  # no parity constraint beyond k=2
+    with pytest.raises(ValueError, match="only defined for one-evaluation-per-step"):
+        make_schedule(dpm(20), cache_interval=3)
+
+
+class _Irregular(_FakeSolver):
+    def step_of(self, k):  # DPM-Solver-fast style: 3, 3, 2, 1, 1 evaluations per step
+        return [0, 0, 0, 1, 1, 1, 2, 2, 3, 4][k]
+
+
 def test_schedule_from_solver_attributes_and_errors():
-    assert make_schedule(_FakeSolver("ddim20", 20, 1)) == make_schedule("ddim20")
-    assert make_schedule(_FakeSolver("dpm20", 10, 2)) == make_schedule("dpm20")
-    with pytest.raises(ValueError, match="unknown solver family"):
+    """Built from num_steps / num_evals / step_of only: a solver's name never matters."""
+    assert make_schedule(_FakeSolver("anything", 20, 1)) == alternating_schedule(20)
+    assert make_schedule(_FakeSolver("ddim20", 10, 2)) == shifted_schedule(10)
+    with pytest.raises(ValueError, match="no L2C schedule"):
         make_schedule(_FakeSolver("dpm3_30", 10, 3))
-    with pytest.raises(ValueError, match="looks shifted by name"):
-        make_schedule(_FakeSolver("dpm20", 20, 1))
-    with pytest.raises(ValueError, match="unknown solver family"):
-        make_schedule("heun20")
-    with pytest.raises(ValueError, match="unknown solver family"):
-        make_schedule(("euler", 20))
+    with pytest.raises(ValueError, match="no L2C schedule"):
+        make_schedule(_Irregular("dpm_fast", 5, 2))
+    with pytest.raises(TypeError, match="pass a solver"):
+        make_schedule("ddim20")
 
 
 # ============================================================================ official routers
@@ -176,10 +190,10 @@ def official():
     if not FIXTURES.is_dir():
         pytest.skip(f"official L2C router files not found at {FIXTURES}")
     return {
-        "dit20": L2CPolicy.from_official(DIT20, schedule="ddim20", theta=0.1),
-        "dit50": L2CPolicy.from_official(DIT50, schedule="ddim50", theta=0.1),
-        "uvit20": L2CPolicy.from_official(UVIT20, schedule="dpm20", theta=0.9),
-        "uvit50": L2CPolicy.from_official(UVIT50, schedule="dpm50", theta=0.9),
+        "dit20": L2CPolicy.from_official(DIT20, solver=ddim(20), theta=0.1),
+        "dit50": L2CPolicy.from_official(DIT50, solver=ddim(50), theta=0.1),
+        "uvit20": L2CPolicy.from_official(UVIT20, solver=dpm(20), theta=0.9),
+        "uvit50": L2CPolicy.from_official(UVIT50, solver=dpm(50), theta=0.9),
     }
 
 
@@ -195,7 +209,7 @@ def test_official_routers_reproduce_paper_table4(official, key, cached, total, a
     assert (st["cached"], st["cacheable"]) == (cached, total)
     assert st["per_kind"] == {"attn": attn, "mlp": mlp}
     # the MAC counter's mask agrees: zeros = cached sites, full evaluations all ones
-    mask = official[key].compute_mask(official[key].schedule.num_evals)
+    mask = official[key].compute_mask()
     assert sum(1 for v in mask.values() if v == 0.0) == cached
 
 
@@ -267,7 +281,7 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, fmt):
     opt.step()
     path = p.to_official(tmp_path / "r", fmt, optimizer=opt if fmt == "dit" else None)
     q = L2CPolicy.from_official(path)
-    assert q.num_routers == 6 and q.num_sites == 8 and q.official_format == fmt
+    assert q.num_routers == 6 and q.num_sites == 8 and q.router_format == fmt
     assert all(torch.equal(a, b) for a, b in zip(p.routers, q.routers))
     if fmt == "dit":
         raw = _raw(path)
@@ -300,10 +314,10 @@ def test_router_file_errors(tmp_path, bb):
         load_official(tmp_path / "absent.pt")
     # a DiT-sized router (56 = 28 x 2) cannot drive a U-ViT-H/2-sized backbone (29 layers -> 58)
     save_official(tmp_path / "dit.pt", [torch.zeros(56)] * 4, "dit")
-    with pytest.raises(ValueError, match="router length 56 does not match StandIn: depth 29"):
-        L2CPolicy.from_official(tmp_path / "dit.pt", backbone=StandIn(depth=29, dim=4))
+    with pytest.raises(ValueError, match="router length 56 does not match the backbone: depth 29"):
+        bound_for_test(L2CPolicy.from_official(tmp_path / "dit.pt"), StandIn(depth=29, dim=4))
     with pytest.raises(ValueError, match="made for 4 evaluations but the solver runs 20"):
-        L2CPolicy.from_official(tmp_path / "dit.pt", schedule="ddim20")
+        L2CPolicy.from_official(tmp_path / "dit.pt", solver=ddim(20))
 
 
 class Evil:  # any global other than argparse.Namespace is refused by the weights-only loader
@@ -319,30 +333,28 @@ def test_weights_only_loading_refuses_other_globals(tmp_path):
 
 # ============================================================================ routers
 def test_routers_are_per_step_parameters_with_seeded_normal_init(bb):
-    p = L2CPolicy(schedule="ddim20", init_seed=7).attach(bb)
+    p = bound_for_test(L2CPolicy(solver=ddim(20), init_seed=7), bb)
     assert isinstance(p.routers, nn.ParameterList) and p.num_routers == 20 and p.num_sites == 6
     g = torch.Generator().manual_seed(7)
     assert all(torch.equal(r, torch.randn(6, generator=g)) for r in p.routers)
     assert [k for k, _ in p.named_parameters()] == [f"routers.{i}" for i in range(20)]
     assert list(bb.state_dict()) == list(StandIn(3, 8).state_dict())  # the policy adds no backbone keys
-    px = L2CPolicy(schedule="ddim20").attach(StandIn(depth=2, site_kinds=("attn", "xattn", "mlp")))
+    px = bound_for_test(L2CPolicy(solver=ddim(20)), StandIn(depth=2, site_kinds=("attn", "xattn", "mlp")))
     assert px.num_sites == 6 and px.site_index(1, "xattn") == 4 and px.site_labels()[:3] == ["0.attn", "0.xattn", "0.mlp"]
     with pytest.raises(ValueError, match="number of routers is unknown"):
-        L2CPolicy().attach(StandIn())
+        bound_for_test(L2CPolicy(), StandIn())
 
 
 def test_unused_routers_get_no_grad_and_no_adamw_update(bb):
-    p = L2CPolicy(schedule="ddim4", init_seed=0, mode="train").attach(bb)
+    p = bound_for_test(L2CPolicy(solver=ddim(4), init_seed=0).train(), bb)
     opt = torch.optim.AdamW(p.parameters(), lr=1e-2, weight_decay=0.0)
     x = torch.randn(2, 5, 8)
 
     def iteration(nfe):
         p.reset()
-        p.mode = "record"
         p.begin(StepContext(nfe=nfe - 1, step=nfe - 1, num_steps=4, num_evals=4))
-        with torch.no_grad():
+        with torch.no_grad(), p.recording():
             bb(x, torch.full((2,), 0.9))
-        p.mode = "train"
         p.begin(StepContext(nfe=nfe, step=nfe, num_steps=4, num_evals=4))
         loss = bb(x + 0.1, torch.full((2,), 0.5)).pow(2).mean() + 1e-3 * p.sum_beta()
         opt.zero_grad(set_to_none=True)
@@ -383,13 +395,12 @@ def test_clamp():
 
 # ============================================================================ modes
 def test_soft_mix_matches_independent_computation(bb):
-    p = L2CPolicy(schedule="ddim4", init_seed=1).attach(bb)
+    p = bound_for_test(L2CPolicy(solver=ddim(4), init_seed=1).train(), bb)
     x0, x1 = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     t0, t1 = torch.full((2,), 0.9), torch.full((2,), 0.6)
-    p.mode = "record"
     p.begin(StepContext(nfe=0, step=0, num_steps=4, num_evals=4))
-    full = bb(x0, t0)
-    p.mode = "train"
+    with p.recording():
+        full = bb(x0, t0)
     p.begin(StepContext(nfe=1, step=1, num_steps=4, num_evals=4))
     student = bb(x1, t1)
 
@@ -407,7 +418,7 @@ def test_soft_mix_matches_independent_computation(bb):
 
 
 def test_hard_inference_reuses_cached_branch_and_applies_current_gate(bb):
-    p = L2CPolicy(schedule="ddim4", init_seed=1, theta=0.5).attach(bb)
+    p = bound_for_test(L2CPolicy(solver=ddim(4), init_seed=1, theta=0.5), bb)
     with torch.no_grad():
         p.routers[2].copy_(torch.tensor([3.0, -3.0, 0.0, 2.0, -0.1, 9.0]))  # compute iff sigmoid > 0.5
     x0, x1 = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
@@ -423,55 +434,55 @@ def test_hard_inference_reuses_cached_branch_and_applies_current_gate(bb):
     compute = [True, False, False, True, False, True]  # sigmoid(0) = 0.5 is not > 0.5: reused
     ref = _manual(bb, x1, t1, lambda l, k, f, h: f(h) if compute[2 * l + (k == "mlp")] else cached[(l, k)])
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    m = p.compute_mask(4)
+    m = p.compute_mask()
     assert [m[(1, l, k)] for l in range(3) for k in ("attn", "mlp")] == [float(c) for c in compute]
     assert all(m[(e, l, k)] == 1.0 for e in (0, 2) for l in range(3) for k in ("attn", "mlp"))
     assert p.summary()["cached"] == 3 + p.cache_stats()["per_eval"][3]
 
 
-@pytest.mark.parametrize("theta", [-1.0, 0.0])
+@pytest.mark.parametrize("theta", [0.0, 1e-6])  # N(0,1) logits: sigmoid > 1e-6 always
 def test_nothing_cached_equals_uncached_model_bit_for_bit(bb, theta):
     times = torch.linspace(0.95, 0.05, 6)
     x = torch.randn(3, 5, 8)
     ref, _ = _run(bb, None, x, times)
-    p = L2CPolicy(schedule="ddim6", theta=theta, init_seed=0).attach(bb)  # N(0,1) logits: sigmoid > 0
+    p = bound_for_test(L2CPolicy(solver=ddim(6), theta=theta, init_seed=0), bb)  # N(0,1) logits: sigmoid > 0
     out, _ = _run(bb, p, x, times)
-    assert sum(p.compute_mask(6).values()) == 6 * 6  # every site computed
+    assert sum(p.compute_mask().values()) == 6 * 6  # every site computed
     assert torch.equal(out, ref)
     p.theta = 1.0  # and the comparison is not vacuous: caching everything changes the result
     assert not torch.allclose(_run(bb, p, x, times)[0], ref)
 
 
 def test_record_mode_computes_and_stores_even_on_cache_steps(bb):
-    p = L2CPolicy(schedule="ddim4", theta=1.0, mode="record").attach(bb)
+    p = bound_for_test(L2CPolicy(solver=ddim(4), theta=1.0), bb)
     x, t = torch.randn(2, 5, 8), torch.full((2,), 0.6)
     p.begin(StepContext(nfe=1, step=1, num_steps=4, num_evals=4))
-    out = bb(x, t)
-    bb.set_policy(None)
-    assert torch.equal(out, bb(x, t))
-    bb.set_policy(p)
+    with p.recording():
+        out = bb(x, t)
+    with p.disabled():
+        assert torch.equal(out, bb(x, t))
     assert sorted(p._cache) == [("all", l, k) for l in range(3) for k in ("attn", "mlp")]
-    p.mode = "infer"  # now every site reuses exactly what was recorded
+    # outside recording() (eval mode: hard routing) every site reuses exactly what was recorded
     p.begin(StepContext(nfe=1, step=1, num_steps=4, num_evals=4))
     assert torch.equal(bb(x, t), out)
 
 
 def test_disabled_is_a_pass_through_that_never_touches_the_cache(bb):
-    p = L2CPolicy(schedule="ddim4", theta=1.0).attach(bb)
+    p = bound_for_test(L2CPolicy(solver=ddim(4), theta=1.0), bb)
     x, t = torch.randn(2, 5, 8), torch.full((2,), 0.4)
     p.begin(StepContext(nfe=1, step=1, num_steps=4, num_evals=4))
     with p.disabled():
         out = bb(x, t)
     assert p._cache == {}
-    bb.set_policy(None)
-    assert torch.equal(out, bb(x, t))
-    bb.set_policy(p)
+    plain = StandIn(bb.depth, 8)
+    plain.load_state_dict(bb.state_dict())
+    assert torch.equal(out, plain(x, t))
     with pytest.raises(RuntimeError, match="cache miss at nfe 1"):
         bb(x, t)
 
 
 def test_cfg_branches_keep_separate_caches(bb):
-    p = L2CPolicy(schedule="ddim4", theta=1.0).attach(bb)  # theta=1: every site reused on cache steps
+    p = bound_for_test(L2CPolicy(solver=ddim(4), theta=1.0), bb)  # theta=1: every site reused on cache steps
     xc, xu, x1 = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     t0, t1 = torch.full((2,), 0.9), torch.full((2,), 0.6)
     ctx0 = StepContext(nfe=0, step=0, num_steps=4, num_evals=4)
@@ -491,14 +502,14 @@ def test_cfg_branches_keep_separate_caches(bb):
 
 
 def test_shifted_schedule_drives_the_policy_from_step_context(bb):
-    """DPM-Solver-2: contexts with 2 evaluations per step select the shifted schedule; nfe 2 reuses nfe 1."""
-    p = L2CPolicy(num_routers=8, depth=3, theta=1.0).attach(bb)
+    """DPM-Solver-2 (2 evaluations per step) binds the shifted schedule; nfe 2 reuses nfe 1."""
+    p = bound_for_test(L2CPolicy(num_routers=8, depth=3, theta=1.0), bb, dpm(8))
     xs = [torch.randn(2, 5, 8) for _ in range(3)]
     ts = [torch.full((2,), v) for v in (0.9, 0.8, 0.7)]
     for nfe in range(3):
         p.begin(StepContext(nfe=nfe, step=nfe // 2, num_steps=4, num_evals=8))
         out = bb(xs[nfe], ts[nfe])
-    assert p.schedule == make_schedule("dpm8") and p._active == 1
+    assert p.schedule == make_schedule(dpm(8)) and p._active == 1
     cached = {}
     _manual(bb, xs[1], ts[1], lambda l, k, f, h: cached.setdefault((l, k), f(h)))
     torch.testing.assert_close(out, _manual(bb, xs[2], ts[2], lambda l, k, f, h: cached[(l, k)]), rtol=0, atol=0)
@@ -507,7 +518,7 @@ def test_shifted_schedule_drives_the_policy_from_step_context(bb):
 
 
 def test_cache_interval_policy_reuses_the_full_step(bb):
-    p = L2CPolicy(schedule="ddim6", cache_interval=3, theta=1.0).attach(bb)
+    p = bound_for_test(L2CPolicy(solver=ddim(6), cache_interval=3, theta=1.0), bb)
     xs = [torch.randn(2, 5, 8) for _ in range(3)]
     t = torch.full((2,), 0.5)
     for nfe in range(3):
@@ -518,9 +529,15 @@ def test_cache_interval_policy_reuses_the_full_step(bb):
     torch.testing.assert_close(out, _manual(bb, xs[2], t, lambda l, k, f, h: cached[(l, k)]), rtol=0, atol=0)
 
 
-def test_mode_validation():
-    with pytest.raises(ValueError, match="mode must be one of"):
-        L2CPolicy(mode="soft")
+def test_invalid_settings_are_refused_at_construction():
+    with pytest.raises(ValueError, match="theta"):
+        L2CPolicy(theta=1.5)
+    with pytest.raises(ValueError, match="lam"):
+        L2CPolicy(lam=-1e-6)
+    with pytest.raises(ValueError, match="lam"):
+        L2CPolicy(lam=float("inf"))
+    with pytest.raises(ValueError, match="budget"):
+        L2CPolicy(budget=1.2)
 
 
 # ============================================================================ budget
@@ -547,25 +564,28 @@ def test_budget_masks_hand_computed():
 @needs_routers
 @pytest.mark.parametrize("mode", ["global", "per_step"])
 def test_budget_policy_keeps_the_requested_macs(mode):
-    p = L2CPolicy.from_official(DIT20, schedule="ddim20", budget=0.6, budget_mode=mode)
+    p = L2CPolicy.from_official(DIT20, solver=ddim(20), budget=0.6, budget_mode=mode)
     s = p.summary()
     # 10 cache steps x 28 layers x (1 + 2) MAC units: overshoot below one MLP site (per step: per router)
     assert 0.6 <= s["cache_step_macs_kept"] < 0.6 + 2 / (840 if mode == "global" else 84)
     if mode == "global":  # a single theta reproduces the chosen mask on these (untied) logits
         theta, _ = budget_masks(list(p.routers), p.schedule.used_routers(), p.costs(), 0.6)
-        q = L2CPolicy.from_official(DIT20, schedule="ddim20", theta=theta)
-        assert q.compute_mask(20) == p.compute_mask(20)
-    sites = L2CPolicy.from_official(DIT20, schedule="ddim20", budget=1 - 248 / 560, budget_unit="sites")
+        assert p.effective_theta() == theta and p.summary()["theta_effective"] == theta
+        q = L2CPolicy.from_official(DIT20, solver=ddim(20), theta=theta)
+        assert q.compute_mask() == p.compute_mask()
+    sites = L2CPolicy.from_official(DIT20, solver=ddim(20), budget=1 - 248 / 560, budget_unit="sites")
     assert sites.cache_stats()["cached"] == 248
 
 
-def test_from_config_matches_hydra_group(bb):
-    cfg = {"name": "l2c", "lam": 1e-6, "theta": 0.1, "clamp": 5.0, "cache_interval": 2, "budget": None,
-           "budget_mode": "global", "init_seed": 0}
-    p = L2CPolicy.from_config(cfg, backbone=bb, solver=_FakeSolver("ddim20", 20, 1))
+def test_hydra_group_builds_the_policy(bb):
+    from hydra.utils import instantiate
+
+    cfg = {"_target_": "diffcache.policies.l2c.L2CPolicy", "lam": 1e-6, "theta": 0.1, "clamp": 5.0,
+           "cache_interval": 2, "budget": None, "budget_mode": "global", "init_seed": 0}
+    p = bound_for_test(instantiate(cfg), bb, ddim(20))
     assert p.clamp == (-5.0, 5.0) and p.num_routers == 20 and p.trainable_evals() == list(range(1, 20, 2))
     betas, labels = p.beta_table()
     assert betas.shape == (10, 6) and labels[0] == "nfe 2 (r18)"
     assert set(p.summary()) >= {"cached", "cacheable", "cached_attn", "cached_mlp", "mean_beta"}
-    with pytest.raises(TypeError, match="unknown policy=l2c options"):
-        L2CPolicy.from_config({"thetta": 0.1}, backbone=bb)
+    with pytest.raises(Exception, match="thetta"):
+        instantiate({"_target_": "diffcache.policies.l2c.L2CPolicy", "thetta": 0.1})

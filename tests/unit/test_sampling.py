@@ -11,7 +11,7 @@ from tiny_models import perturbed
 from diffcache.policies.none import NoCache
 from diffcache.sampling import sample
 from diffcache.solvers import make_solver
-from diffcache.solvers.denoiser import Denoiser
+from diffcache.denoiser import Denoiser
 
 
 def reference_dit_ddim(model, x, y, steps: int, scale: float):
@@ -48,9 +48,7 @@ def test_sample_none_reproduces_hand_written_dit_ddim_loop():
     y = torch.tensor([3, 8])
     with torch.no_grad():
         ref = reference_dit_ddim(model, x, y, 20, 1.5)
-        policy = NoCache()
-        got = sample(model, make_solver("ddim", 20, "linear"), policy, x, y, guidance=1.5)
-        policy.detach()
+        got = sample(model, make_solver("ddim", 20, "linear"), NoCache(), x, y, guidance=1.5)
         plain = sample(model, make_solver("ddim", 20, "linear"), None, x, y, guidance=1.5)
     assert torch.equal(got, ref)
     assert torch.equal(plain, ref)
@@ -101,13 +99,6 @@ def test_no_guidance_is_one_pass():
     assert calls == [6] * 4
 
 
-def test_attached_policy_must_be_passed():
-    dit = perturbed("tiny_dit")
-    NoCache().attach(dit)
-    with pytest.raises(ValueError, match="policy attached"):
-        sample(dit, make_solver("ddim", 4, "linear"), None, torch.randn(1, 4, 8, 8), torch.tensor([0]))
-
-
 @pytest.mark.parametrize("arch,algo,steps,guidance,schedule", [("tiny_dit", "ddim", 10, 1.5, "linear"),
                                                                ("tiny_uvit", "dpm_solver2", 10, 0.4, "scaled_linear")])
 def test_l2c_caching_nothing_equals_no_cache_bit_for_bit(arch, algo, steps, guidance, schedule):
@@ -117,7 +108,7 @@ def test_l2c_caching_nothing_equals_no_cache_bit_for_bit(arch, algo, steps, guid
     solver = make_solver(algo, steps, schedule)
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 5])
     ref = sample(model, solver, None, x, y, guidance)
-    keep_all = L2CPolicy(theta=0.0, schedule=solver).attach(model)  # compute iff sigmoid > 0: always
+    keep_all = L2CPolicy(theta=0.0, solver=solver)  # compute iff sigmoid > 0: always
     assert torch.equal(sample(model, solver, keep_all, x, y, guidance), ref)
-    cache_all = L2CPolicy(theta=1.0, schedule=solver).attach(model)  # sigmoid > 1 never: reuse everything
+    cache_all = L2CPolicy(theta=1.0, solver=solver)  # sigmoid > 1 never: reuse everything
     assert not torch.equal(sample(model, solver, cache_all, x, y, guidance), ref)

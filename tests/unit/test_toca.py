@@ -9,9 +9,11 @@ import math
 
 import pytest
 import torch
-from tiny_models import perturbed
+from hydra.utils import instantiate
+from tiny_models import bound_for_test, perturbed
 
 from diffcache.backbones import build_backbone
+from diffcache.backbones.base import SiteLayout
 from diffcache.backbones.layers import Attention, CrossAttention, Mlp
 from diffcache.policies.base import StepContext
 from diffcache.policies.fora import FORAPolicy, fora_full_evals
@@ -31,7 +33,7 @@ from diffcache.solvers import make_solver
 def run_inputs(m, B: int = 2, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, m.in_channels, m.input_size, m.input_size, generator=g)
-    if m.family == "pixart":
+    if m.text_conditioned:
         y = torch.randn(B, m.token_num, m.caption_channels, generator=g)
         mask = torch.ones(B, m.token_num, dtype=torch.long)
         mask[0, 5:] = 0
@@ -52,8 +54,6 @@ def run(family: str, policy, **kw):
     x, cond = run_inputs(m)
     with torch.no_grad():
         out = sample(m, make_solver(alg, n), policy, x, cond, guidance=guidance)
-    if policy is not None:
-        policy.detach()
     return out, m
 
 
@@ -118,32 +118,32 @@ def test_presets_and_config():
             "uvit_dpm20"} <= set(PRESETS)
     assert [preset_params(f"pixart_r{r}").fresh_ratio for r in (60, 70, 80, 90)] == [0.4, 0.3, 0.2, 0.1]
     with pytest.raises(ValueError, match="dit_ddim50"):
-        ToCaPolicy.from_config({"preset": "nope"})
+        ToCaPolicy("nope")
     with pytest.raises(TypeError, match="unknown ToCa options"):
-        ToCaPolicy.from_config({"preset": "dit_ddim50", "bogus": 1})
-    p = ToCaPolicy.from_config({"name": "toca", "preset": "dit_ddim50", "fresh_threshold": None, "fresh_ratio": None,
-                                "legacy_layer0_refresh": None})
+        ToCaPolicy("dit_ddim50", bogus=1)
+    p = instantiate({"_target_": "diffcache.policies.toca.ToCaPolicy", "preset": "dit_ddim50", "fresh_threshold": None,
+                     "fresh_ratio": None, "legacy_layer0_refresh": None})
     assert p.params.fresh_threshold == 3 and p.params.legacy_layer0_refresh is True
-    q = ToCaPolicy.from_config({"preset": "pixart_r70", "fresh_threshold": 4, "soft_fresh_weight": 0.5,
-                                "bonus_ratio": 0.0, "legacy_layer0_refresh": False})
+    q = ToCaPolicy("pixart_r70", fresh_threshold=4, soft_fresh_weight=0.5, bonus_ratio=0.0,
+                   legacy_layer0_refresh=False)
     assert (q.params.fresh_threshold, q.params.soft_fresh_weight, q.params.bonus_ratio) == (4, 0.5, 0.0)
     assert q.params.legacy_layer0_refresh is False
-    # preset=None picks the family's preset on attach; s2 presets refuse a backbone without cross-attention
+    # preset=None takes the backbone's toca_preset when bound; s2 presets refuse a backbone without cross-attention
     m = build_backbone("tiny_uvit")
-    assert ToCaPolicy.from_config({"preset": None}, backbone=m).preset == "uvit_dpm20"
+    assert bound_for_test(ToCaPolicy(None), m).preset == "uvit_dpm20"
     with pytest.raises(ValueError, match="cross-attention"):
-        ToCaPolicy.from_config({"preset": "pixart_r70"}, backbone=build_backbone("tiny_dit"))
+        bound_for_test(ToCaPolicy("pixart_r70"), build_backbone("tiny_dit"))
 
 
 def test_compute_mask_covers_every_site():
     for arch in ("tiny_dit", "tiny_pixart", "tiny_uvit"):
         m = build_backbone(arch)
-        pol = ToCaPolicy.from_config({"preset": None}, backbone=m)
-        mask = pol.compute_mask(20)
+        pol = bound_for_test(ToCaPolicy(None), m)
+        mask = pol.compute_mask(m.layout, 20)
         assert set(mask) == {(e, l, k) for e in range(20) for (l, k) in m.cache_sites()}
         assert all(0.0 <= v <= 1.0 for v in mask.values())
         assert all(mask[(0, l, k)] == 1.0 for (l, k) in m.cache_sites())
-        s = pol.summary(20)
+        s = pol.summary(m.layout, 20)
         assert 0 < s["fresh_layer_frac"] < 1 and 0 < s["mean_token_frac"] < 1
 
 
@@ -300,7 +300,7 @@ def test_toca_run_matches_its_plan(family):
     got, m = run(family, pol)
     assert torch.isfinite(got).all() and not torch.allclose(got, ref)
     E = make_solver(*SETUPS[family][1]).num_evals
-    mask = pol.compute_mask(E)
+    mask = pol.compute_mask(m.layout, E)
     T = m.num_tokens + m.num_prefix_tokens
     passes = 2 if family == "uvit" else 1  # U-ViT runs cond and uncond as separate passes
     planned = passes * sum(round(v * T) for v in mask.values() if v > 0)
@@ -314,8 +314,7 @@ def test_fora_cycle_and_mask():
     assert sum(full) == 18 and full[0] and full[1] and not full[2]  # i = 49 (first), 48, 45, ...
     assert {49 - e for e, f in enumerate(full) if f} == {49} | set(range(0, 49, 3))
     pol = FORAPolicy(interval=3)
-    pol.set_geometry(depth=2, site_kinds=("attn", "mlp"))
-    mask = pol.compute_mask(50)
+    mask = pol.compute_mask(SiteLayout(depth=2, site_kinds=("attn", "mlp")), 50)
     assert sum(mask.values()) == 18 * 4
     # DPM-Solver-2 (20 evaluations), interval 2: every midpoint (odd nfe) is full, as L2C's shifted schedule
     assert [e for e, f in enumerate(fora_full_evals(20, 2)) if f] == [0] + list(range(1, 20, 2))
@@ -331,7 +330,7 @@ def test_fora_reuses_per_branch():
 def _state_for(input_size: int):
     m = perturbed("tiny_dit", input_size=input_size, hidden_size=48)
     pol = ToCaPolicy("dit_ddim50", fresh_threshold=2, fresh_ratio=0.3, w_t=0.0, column_chunk=8)
-    pol.attach(m)
+    bound_for_test(pol, m)
     x = torch.randn(2, 4, input_size, input_size)
     y = torch.tensor([1, 2])
     from torch.profiler import ProfilerActivity, profile
@@ -343,7 +342,7 @@ def _state_for(input_size: int):
                      default=0)
     shapes = [tuple(t.shape) for t in pol.state_tensors()]
     nbytes = pol.state_nbytes()
-    pol.detach()
+    pol._test_binding.__exit__(None, None, None)
     return m.num_tokens, nbytes, shapes, peak_alloc
 
 

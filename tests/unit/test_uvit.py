@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import Recorder, perturbed
+from tiny_models import Recorder, bound_for_test, perturbed
 
 from diffcache.backbones.uvit import VARIANTS, UViT
 from diffcache.policies.base import CachePolicy, StepContext
@@ -99,7 +99,7 @@ def test_extra_tokens_label_then_time():
     # libs/uvit.py prepends the time token, then the label token: [label, time, patches]
     torch.testing.assert_close(tok[:, 0], m.label_emb(y) + m.pos_embed[0, 0])
     torch.testing.assert_close(tok[:, 1], timestep_embedding(t, 64) + m.pos_embed[0, 1])
-    rec = Recorder().attach(m)
+    rec = bound_for_test(Recorder(), m)
     rec.ctx = CTX
     with torch.no_grad():
         m(x, t, y)
@@ -133,7 +133,7 @@ def test_passthrough_policy_is_bit_identical():
     x, t, y = inputs(m)
     with torch.no_grad():
         ref = m(x, t, y)
-        pol = CachePolicy().attach(m)
+        pol = bound_for_test(CachePolicy(), m)
         pol.ctx = CTX
         out = m(x, t, y)
         with pol.disabled():
@@ -143,7 +143,7 @@ def test_passthrough_policy_is_bit_identical():
 
 def test_cache_sites_complete_and_ordered():
     m = tiny()
-    rec = Recorder().attach(m)
+    rec = bound_for_test(Recorder(), m)
     rec.ctx = CTX
     with torch.no_grad():
         m(*inputs(m))
@@ -156,7 +156,7 @@ def test_reused_branches_keep_long_skips_live():
     m = tiny()
     x0, t, y = inputs(m, seed=1)
     x1 = inputs(m, seed=2)[0]
-    pol = ReuseAll().attach(m)
+    pol = bound_for_test(ReuseAll(), m)
     with torch.no_grad():
         with pol.at(StepContext(0, 0, 2, 2)):
             m(x0, t, y)
@@ -177,7 +177,7 @@ def test_reused_branches_keep_long_skips_live():
         img = h.reshape(2, s, s, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(2, C, s * p, s * p)
         expect = m.final_layer(img)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
-    m.set_policy(None)
+    pol._test_binding.__exit__(None, None, None)
     with torch.no_grad():
         assert not torch.allclose(out, m(x1, t, y))  # reuse really changed the result
 

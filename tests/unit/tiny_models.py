@@ -22,6 +22,15 @@ def perturbed(arch: str, seed: int = 0, scale: float = 0.1, **kw):
     return m
 
 
+def bound_for_test(policy, backbone, solver=None):
+    """Bind ``policy`` to ``backbone`` for the rest of a test that calls the backbone directly (the
+    backbone is built for that test alone, so nothing outlives it)."""
+    binding = policy.bound(backbone, solver)
+    binding.__enter__()
+    object.__setattr__(policy, "_test_binding", binding)  # kept alive: a collected binding would release
+    return policy
+
+
 class Recorder(CachePolicy):
     """Computes every branch and records which sites ran, in order, with their input shapes."""
 

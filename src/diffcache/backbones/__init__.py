@@ -41,24 +41,55 @@ def build_backbone(arch: str, **overrides) -> CachedBackbone:
     return model
 
 
-def load_backbone(arch: str, ckpt: str | None = None, random_init: bool = False, **overrides) -> CachedBackbone:
-    """Build ``arch`` and load ``ckpt``; real backbones refuse to run on random weights unless asked to.
+def family_class(family: str) -> type[CachedBackbone]:
+    """The backbone class of a family name ("dit" | "uvit" | "pixart")."""
+    from .dit import DiT
+    from .pixart import PixArt
+    from .uvit import UViT
 
-    Tiny variants (``tiny_*``) are test/demo models and may run on random weights. The result is in eval
-    mode: every consumer in this project treats the backbone as a frozen teacher.
+    classes = {c.family: c for c in (DiT, UViT, PixArt)}
+    if family not in classes:
+        raise ValueError(f"unknown backbone family {family!r}; choose one of {sorted(classes)}")
+    return classes[family]
+
+
+def from_mapping(spec) -> CachedBackbone:
+    """A backbone from ``{"family": ..., **constructor arguments}`` (unknown keys are ignored;
+    ``out_channels`` = 2 x ``in_channels`` means learned sigma)."""
+    import inspect
+
+    spec = dict(spec)
+    cls = family_class(str(spec.pop("family")))
+    params = inspect.signature(cls.__init__).parameters
+    if "out_channels" in spec and "learn_sigma" in params:
+        spec["learn_sigma"] = int(spec.pop("out_channels")) == 2 * int(spec.get("in_channels", 4))
+    return cls(**{k: v for k, v in spec.items() if k in params})
+
+
+def check_weights_given(arch: str | None, ckpt: str | None, random_init: bool) -> None:
+    """Real backbones refuse to run on random weights unless asked to (before a slow init).
+
+    Tiny and MNIST variants are test/demo models and may run on random weights; so may a user's own class
+    (no ``arch`` in its config).
     """
     _populate()
-    if not ckpt and not random_init and not arch.startswith("tiny") and arch in REGISTRY:
-        family = "uvit" if arch.startswith("U-ViT") else "pixart" if arch.startswith("PixArt") else "dit"
-        raise ValueError(  # before building: a 675M-parameter init takes seconds for nothing
-            f"backbone {arch} needs its pretrained weights: pass backbone.ckpt=/path/to/file "
-            f"({WHERE_TO_GET[family]}); nothing is downloaded at run time. "
-            "For speed benchmarks only, backbone.random_init=true runs it with random weights.")
+    if ckpt or random_init or arch is None or arch.startswith(("tiny", "mnist")) or arch not in REGISTRY:
+        return
+    family = "uvit" if arch.startswith("U-ViT") else "pixart" if arch.startswith("PixArt") else "dit"
+    raise ValueError(
+        f"backbone {arch} needs its pretrained weights: pass backbone.ckpt=/path/to/file "
+        f"({WHERE_TO_GET[family]}); nothing is downloaded at run time. "
+        "For speed benchmarks only, backbone.random_init=true runs it with random weights.")
+
+
+def load_backbone(arch: str, ckpt: str | None = None, random_init: bool = False, **overrides) -> CachedBackbone:
+    """Build ``arch`` and load ``ckpt``; the result is in eval mode (every consumer treats it as a frozen teacher)."""
+    check_weights_given(arch, ckpt, random_init)
     model = build_backbone(arch, **overrides)
     if ckpt:
         load_checkpoint(model, ckpt)
     return model.eval()
 
 
-__all__ = ["CachedBackbone", "CheckpointError", "REGISTRY", "available", "build_backbone", "count_parameters",
-           "load_backbone", "load_checkpoint", "register"]
+__all__ = ["CachedBackbone", "CheckpointError", "REGISTRY", "available", "build_backbone", "check_weights_given",
+           "count_parameters", "family_class", "from_mapping", "load_backbone", "load_checkpoint", "register"]

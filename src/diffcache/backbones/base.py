@@ -1,18 +1,57 @@
 """The backbone contract: every residual branch runs through a cache site.
 
-A block writes ``x = x + gate * self.site(layer, "mlp", self.mlp, h)``. With no policy attached the
-site is a plain call, so outputs are bit-identical to the uncached model. The policy is attached with
+A block writes ``x = x + gate * self.site(layer, "mlp", self.mlp, h)``. With no policy bound the
+site is a plain call, so outputs are bit-identical to the uncached model. A policy is bound only for
+the duration of a run (``with policy.bound(backbone, solver):``); it is stored with
 ``object.__setattr__`` so it is *not* a registered submodule: backbone ``state_dict`` keys stay those
 of the official checkpoints, and backbone parameters never mix with trainable policy parameters.
+
+Everything a solver loop, a cache policy or the cost counter must know about a family lives on the
+class as named conventions (CFG batch layout, guided channels, the no-guidance value, random
+conditioning, the cache-site :class:`SiteLayout`), so no code outside ``backbones/`` asks for a
+family by name. A user's own backbone subclasses :class:`CachedBackbone` and sets the same attributes.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 SITE_KINDS = ("attn", "xattn", "mlp")
+CFG_LAYOUTS = ("cond_uncond", "uncond_cond", "two_pass")
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """The cache-site layout every policy and the cost counter read (one object, one source).
+
+    depth: cacheable layers; site_kinds: branch kinds per layer in execution order; num_tokens: image
+    tokens; num_prefix_tokens: tokens in front of them that a token cache never drops (U-ViT's time /
+    label tokens); token_grid: (rows, cols) of the image tokens, None when they form no grid.
+    """
+
+    depth: int
+    site_kinds: tuple[str, ...] = ("attn", "mlp")
+    num_tokens: int = 0
+    num_prefix_tokens: int = 0
+    token_grid: tuple[int, int] | None = None
+
+    @property
+    def num_sites(self) -> int:
+        return self.depth * len(self.site_kinds)
+
+    def index(self, layer: int, kind: str) -> int:
+        """Layer-major site index ``K * layer + kind_index`` (the official L2C router layout)."""
+        return layer * len(self.site_kinds) + self.site_kinds.index(kind)
+
+    def sites(self) -> list[tuple[int, str]]:
+        return [(layer, kind) for layer in range(self.depth) for kind in self.site_kinds]
+
+    def labels(self) -> list[str]:
+        return [f"{layer}.{kind}" for layer, kind in self.sites()]
 
 
 class CachedBackbone(nn.Module):
@@ -26,6 +65,14 @@ class CachedBackbone(nn.Module):
 
     family: str = ""
     site_kinds: tuple[str, ...] = ("attn", "mlp")
+    # ---- conventions read by the denoiser, the policies and the cost counter
+    cfg_layout: str = "cond_uncond"       # one batch [cond; uncond] | [uncond; cond] | two separate passes
+    guided_channels: int | None = None    # guidance on the first n output channels only (None: all)
+    guidance_off: float = 1.0             # the guidance scale that means "no unconditional pass"
+    guidance_from_cond: bool = False      # c + s (c - u) (U-ViT) instead of u + s (c - u)
+    router_format: str = "dit"            # official L2C router file layout ("dit" .pt | "uvit" .pth)
+    toca_preset: str | None = None        # ToCa preset that policy=toca picks for this family
+    text_conditioned: bool = False        # cond is {"y": text embeddings, "mask"} rather than class labels
     checkpoint_name: str = "backbone"
     checkpoint_keys: tuple[str, ...] = ("state_dict",)  # wrappers an official file may put the weights under
     num_prefix_tokens: int = 0
@@ -40,8 +87,17 @@ class CachedBackbone(nn.Module):
     def policy(self):
         return self._policy
 
-    def set_policy(self, policy) -> None:
+    @contextlib.contextmanager
+    def bind(self, policy) -> Iterator[Any]:
+        """Route every cache site through ``policy`` inside the block (runs do not nest)."""
+        if self._policy is not None:
+            raise RuntimeError(f"{type(self).__name__} is already bound to {type(self._policy).__name__}: a run "
+                               f"binds one policy at a time (finish the other run first)")
         object.__setattr__(self, "_policy", policy)
+        try:
+            yield policy
+        finally:
+            object.__setattr__(self, "_policy", None)
 
     def site(self, layer: int, kind: str, module: Callable[..., torch.Tensor], h: torch.Tensor, *args: Any) -> torch.Tensor:
         """Run branch ``kind`` of ``layer`` on token input ``h`` (B, N, C); returns the *ungated* output."""
@@ -65,9 +121,24 @@ class CachedBackbone(nn.Module):
         return dict(obj)
 
     # ---------------------------------------------------------------- introspection
+    @property
+    def layout(self) -> SiteLayout:
+        gridded = hasattr(self, "input_size") and hasattr(self, "patch_size")  # a user's backbone may have no grid
+        return SiteLayout(depth=int(self.depth), site_kinds=tuple(self.site_kinds),
+                          num_tokens=int(self.num_tokens) if gridded else 0,
+                          num_prefix_tokens=int(self.num_prefix_tokens or 0), token_grid=self.token_grid if gridded else None)
+
     def cache_sites(self) -> list[tuple[int, str]]:
         """Every ``(layer, kind)`` a forward visits, in execution order."""
-        return [(layer, kind) for layer in range(self.depth) for kind in self.site_kinds]
+        return self.layout.sites()
+
+    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
+        """Per sample, the parts no cache saves: (outside the blocks, [per layer]) in MACs ("l2c", linear
+        layers only) or FLOPs ("toca", per-layer LayerNorms; ToCa's counter excludes embedders). The
+        formulas are in :mod:`diffcache.metrics.cost`; families add their own terms (adaLN, skips)."""
+        T, C = self.num_tokens + int(self.num_prefix_tokens or 0), int(self.hidden_size)
+        per_layer = 0.0 if convention == "l2c" else 2.0 * T * C  # the LayerNorms
+        return 0.0, [per_layer] * int(self.depth)
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -80,10 +151,27 @@ class CachedBackbone(nn.Module):
         r, c = self.token_grid
         return r * c
 
-    # ---------------------------------------------------------------- conditioning
+    # ---------------------------------------------------------------- conditioning and guidance
     def null_cond(self, cond):
         """The unconditional input matching ``cond`` (the null class, or PixArt's null caption)."""
         raise NotImplementedError
+
+    def random_cond(self, batch: int, generator: torch.Generator):
+        """Random conditioning of the right kind: uniform real class labels (the DiT evaluation convention)."""
+        return torch.randint(0, int(self.null_class), (batch,), generator=generator)
+
+    def guidance_active(self, guidance: float | None) -> bool:
+        """Whether ``guidance`` asks for an unconditional pass under this family's convention."""
+        return guidance is not None and float(guidance) != float(self.guidance_off)
+
+    def guide(self, c: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
+        """Guided eps (``in_channels``) from the cond / uncond outputs, with this family's formula."""
+        C = self.in_channels
+        c, u = c[:, :C], u[:, :C]
+        n = C if self.guided_channels is None else min(int(self.guided_channels), C)
+        base = c[:, :n] if self.guidance_from_cond else u[:, :n]
+        guided = base + s * (c[:, :n] - u[:, :n])
+        return guided if n == C else torch.cat([guided, c[:, n:]], dim=1)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Fail with a clear message on a latent of the wrong shape."""

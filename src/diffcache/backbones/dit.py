@@ -60,6 +60,8 @@ class DiT(CachedBackbone):
     """Class-conditional DiT: ``forward(x, t, y) -> (B, out_channels, H, W)``."""
 
     family = "dit"
+    guided_channels = 3  # forward_with_cfg guides the first 3 channels only (a legacy quirk, kept)
+    toca_preset = "dit_ddim50"
     checkpoint_name = "DiT"
     checkpoint_keys = ("ema", "model")  # DiT train.py checkpoints hold ema and model
     site_kinds = ("attn", "mlp")
@@ -112,7 +114,15 @@ class DiT(CachedBackbone):
                   self.final_layer.linear.weight, self.final_layer.linear.bias):
             nn.init.zeros_(p)
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ cost
+    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
+        """adaLN per layer (6 C^2); outside: patch embed, t/y embedders, final adaLN + linear."""
+        _, per_layer = super().fixed_cost(convention)
+        C, N, p = self.hidden_size, self.num_tokens, self.patch_size
+        if convention == "l2c":
+            outside = N * p * p * self.in_channels * C + 256 * C + C * C + 2 * C * C + N * C * p * p * self.out_channels
+            return float(outside), [x + 6 * C * C for x in per_layer]
+        return 0.0, [x + C + 6 * C * C for x in per_layer]
 
     # ------------------------------------------------------------------ conditioning
     @property

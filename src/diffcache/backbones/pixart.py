@@ -98,6 +98,9 @@ class PixArt(CachedBackbone):
     """PixArt-α text-to-image DiT (``forward(x, t, cond) -> [eps, v]``, 2 * in_channels channels)."""
 
     family = "pixart"
+    cfg_layout = "uncond_cond"  # DPM-Solver model_wrapper: [null_y; y]
+    toca_preset = "pixart_r70"
+    text_conditioned = True
     checkpoint_name = "PixArt"
     site_kinds = ("attn", "xattn", "mlp")
 
@@ -278,7 +281,23 @@ class PixArt(CachedBackbone):
             out["pos_embed"] = sincos_pos_embed_2d(kw["hidden_size"], grid, grid, kw["lewei_scale"]).unsqueeze(0)
         return out
 
+    # ------------------------------------------------------------------ cost
+    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
+        """adaLN-single: outside the blocks patch embed, t embedder + t_block (6 C^2), caption MLP, final linear."""
+        _, per_layer = super().fixed_cost(convention)
+        if convention != "l2c":
+            return 0.0, per_layer
+        C, N, p, L, Cc = self.hidden_size, self.num_tokens, self.patch_size, self.token_num, self.caption_channels
+        outside = (N * p * p * self.in_channels * C + 256 * C + C * C + 6 * C * C + L * (Cc * C + C * C)
+                   + N * C * p * p * self.out_channels)
+        return float(outside), per_layer
+
     # ------------------------------------------------------------------ conditioning
+    def random_cond(self, batch: int, generator: torch.Generator):
+        """Random T5-shaped caption embeddings with a full mask (tests and benchmarks; real runs use prompts)."""
+        y = torch.randn(batch, self.token_num, self.caption_channels, generator=generator)
+        return {"y": y, "mask": torch.ones(batch, self.token_num, dtype=torch.long)}
+
     def null_cond(self, cond):
         """The learned null caption with the prompt's mask (official DPM-Solver CFG convention)."""
         y = cond["y"] if isinstance(cond, Mapping) else cond

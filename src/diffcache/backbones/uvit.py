@@ -55,6 +55,11 @@ class UViT(CachedBackbone):
     """U-ViT noise-prediction network (``forward(x, t, y) -> eps``)."""
 
     family = "uvit"
+    cfg_layout = "two_pass"   # cond pass, then uncond pass
+    guidance_off = 0.0        # c + s (c - u): s = 0 is the conditional model
+    guidance_from_cond = True
+    router_format = "uvit"
+    toca_preset = "uvit_dpm20"
     checkpoint_name = "U-ViT nnet"
     site_kinds = ("attn", "mlp")
     learn_sigma = False
@@ -130,6 +135,22 @@ class UViT(CachedBackbone):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ cost
+    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
+        """Skip linears of the out-blocks (2T x 2C -> C); outside: patch embed, time MLP, decoder, 3x3 conv."""
+        _, per_layer = super().fixed_cost(convention)
+        C, N, p = self.hidden_size, self.num_tokens, self.patch_size
+        T = N + self.num_prefix_tokens
+        skip = T * 2 * C * C if convention == "l2c" else 2 * T * 2 * C * C
+        d = self.depth // 2
+        per_layer = [x + (skip if layer > d and self.out_blocks[layer - d - 1].skip_linear is not None else 0)
+                     for layer, x in enumerate(per_layer)]
+        if convention != "l2c":
+            return 0.0, per_layer
+        t = (C * 4 * C + 4 * C * C) if self.config["mlp_time_embed"] else 0
+        conv = self.input_size ** 2 * 9 * self.in_channels ** 2 if self.config["conv"] else 0
+        return float(N * p * p * self.in_channels * C + t + T * C * p * p * self.in_channels + conv), per_layer
 
     # ------------------------------------------------------------------ conditioning
     @property

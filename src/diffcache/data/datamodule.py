@@ -14,16 +14,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 
-def random_cond(backbone, batch: int, generator: torch.Generator):
-    """Random conditioning of the right kind for ``backbone`` (class labels or text embeddings)."""
-    if backbone.family == "pixart":
-        L_, C = backbone.token_num, backbone.caption_channels
-        y = torch.randn(batch, L_, C, generator=generator)
-        mask = torch.ones(batch, L_, dtype=torch.long)
-        return {"y": y, "mask": mask}
-    return torch.randint(0, backbone.null_class, (batch,), generator=generator)  # real classes only
-
-
 class IndexDataset(Dataset):
     def __init__(self, length: int):
         self.length = int(length)
@@ -48,7 +38,7 @@ class SyntheticLatents(Dataset):
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(self.seed * 7919 + i)
         x0 = torch.randn(self.shape, generator=g)
-        cond = random_cond(self.backbone, 1, g)
+        cond = self.backbone.random_cond(1, g)
         cond = {k: v[0] for k, v in cond.items()} if isinstance(cond, dict) else cond[0]
         return {"x0": x0, "cond": cond}
 
@@ -71,7 +61,7 @@ class LatentFile(Dataset):
         expect = (backbone.in_channels, backbone.input_size, backbone.input_size)
         if tuple(self.latents.shape[1:]) != expect:
             raise ValueError(f"{path}: latents have shape {tuple(self.latents.shape[1:])}, backbone expects {expect}")
-        if backbone.family == "pixart":
+        if backbone.text_conditioned:
             self.cond = [{"y": y, "mask": m} for y, m in zip(blob["y"], blob["mask"])]
         else:
             if "labels" not in blob:
@@ -85,30 +75,75 @@ class LatentFile(Dataset):
         return {"x0": self.latents[i], "cond": self.cond[i]}
 
 
-class CacheDataModule(L.LightningDataModule):
-    def __init__(self, name: str, backbone, seed: int = 0, batch_size: int = 4, num_workers: int = 0,
-                 shuffle: bool = True, num_batches: int = 1000, num_samples: int = 256, path: str | None = None):
+class RouterData(L.LightningDataModule):
+    """Batches for router training; the dataset is built once the backbone is known (:meth:`bind`).
+
+    Subclasses (one per ``data=`` option, picked by the config's ``_target_``) implement :meth:`build`.
+    """
+
+    name = "data"
+
+    def __init__(self, batch_size: int = 4, num_workers: int = 0, shuffle: bool = True, seed: int = 0):
         super().__init__()
-        self.name, self.seed, self.batch_size, self.num_workers, self.shuffle = name, seed, batch_size, num_workers, shuffle
-        if name == "noise":
-            self.dataset = IndexDataset(num_batches * batch_size)
-            self.shuffle = False
-        elif name == "synthetic":
-            self.dataset = SyntheticLatents(backbone, num_samples, seed)
-        elif name == "latents":
-            self.dataset = LatentFile(path, backbone)
-        else:
-            raise ValueError(f"unknown data mode {name!r}; choose noise | synthetic | latents")
-        if len(self.dataset) < batch_size:
-            raise ValueError(f"data={name} has {len(self.dataset)} samples, fewer than data.batch_size={batch_size} "
-                             "(batches drop the remainder, so training would see nothing)")
+        if int(batch_size) < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.num_workers, self.shuffle, self.seed = int(batch_size), int(num_workers), shuffle, seed
+        self.dataset: Dataset | None = None
+
+    def build(self, backbone) -> Dataset:
+        raise NotImplementedError
+
+    def bind(self, backbone) -> "RouterData":
+        self.dataset = self.build(backbone)
+        if len(self.dataset) < self.batch_size:
+            raise ValueError(f"data={self.name} has {len(self.dataset)} samples, fewer than data.batch_size="
+                             f"{self.batch_size} (batches drop the remainder, so training would see nothing)")
+        return self
 
     def train_dataloader(self):
+        if self.dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.bind(backbone) must run before training")
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True,
                           num_workers=self.num_workers, generator=g, persistent_workers=self.num_workers > 0)
 
 
-def build_datamodule(cfg, backbone, seed: int = 0) -> CacheDataModule:
-    kw = {k: v for k, v in dict(cfg).items() if k != "name"}
-    return CacheDataModule(cfg.name, backbone, seed=seed, **kw)
+class NoiseData(RouterData):
+    """Image-free training: indices only; the module draws noise and labels from its seeded generator."""
+
+    name = "noise"
+
+    def __init__(self, num_batches: int = 1000, **kw):
+        super().__init__(**{**kw, "shuffle": False})
+        self.num_batches = int(num_batches)
+
+    def build(self, backbone) -> Dataset:
+        return IndexDataset(self.num_batches * self.batch_size)
+
+
+class SyntheticData(RouterData):
+    """Gaussian latents with random conditioning (tests, benchmarks)."""
+
+    name = "synthetic"
+
+    def __init__(self, num_samples: int = 256, **kw):
+        super().__init__(**kw)
+        self.num_samples = int(num_samples)
+
+    def build(self, backbone) -> Dataset:
+        return SyntheticLatents(backbone, self.num_samples, self.seed)
+
+
+class LatentData(RouterData):
+    """Faithful L2C: real VAE latents + labels from ``scripts/extract_latents.py``."""
+
+    name = "latents"
+
+    def __init__(self, path: str | None = None, **kw):
+        super().__init__(**kw)
+        if not path:
+            raise ValueError("data=latents needs data.path=/path/to/latents.pt (made by scripts/extract_latents.py)")
+        self.path = path
+
+    def build(self, backbone) -> Dataset:
+        return LatentFile(self.path, backbone)

@@ -25,13 +25,16 @@ runs at all pays its full key/value projection. Per-forward parts outside the ca
 LayerNorms, U-ViT skip linears, embedders) are always paid.
 
 ``policy_cost`` works from the planner alone: pass a backbone instance, a variant name (instantiated on
-the ``meta`` device, no memory), or a plain mapping of the attributes.
+the ``meta`` device, no memory), or a mapping of constructor arguments with ``family``. The costs that
+differ between families (adaLN, skip linears, embedders) come from each class's ``fixed_cost``.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from ..backbones.base import SiteLayout
 
 CONVENTIONS = ("l2c", "toca")
 
@@ -39,80 +42,60 @@ CONVENTIONS = ("l2c", "toca")
 # =============================================================================================== geometry
 @dataclass(frozen=True)
 class BackboneSpec:
-    family: str
-    depth: int                      # cache layers (U-ViT: in + mid + out)
+    """What the counter needs, read once from a backbone: its :class:`SiteLayout`, widths, and the
+    family's fixed (never cached) costs from ``backbone.fixed_cost`` (per sample)."""
+
+    layout: SiteLayout
     hidden_size: int
     num_heads: int
     mlp_ratio: float
-    num_tokens: int                 # image tokens
-    num_prefix_tokens: int = 0
-    site_kinds: tuple[str, ...] = ("attn", "mlp")
-    patch_size: int = 2
-    in_channels: int = 4
-    out_channels: int = 4
-    input_size: int = 32
-    text_len: int = 0               # PixArt caption tokens L
-    caption_channels: int = 0
-    num_skip: int = 0               # U-ViT skip linears (out-blocks)
-    mlp_time_embed: bool = False    # U-ViT
-    conv: bool = False              # U-ViT final 3x3 conv
-    freq_dim: int = 256             # DiT / PixArt timestep frequency embedding
+    text_len: int = 0                                  # cross-attention keys L (PixArt caption tokens)
+    outside: tuple[float, float] = (0.0, 0.0)          # (l2c MACs, toca FLOPs) outside the blocks
+    layer_fixed: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())
+    guidance_off: float = 1.0
+
+    @property
+    def depth(self) -> int:
+        return self.layout.depth
+
+    @property
+    def site_kinds(self) -> tuple[str, ...]:
+        return self.layout.site_kinds
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.num_tokens
 
     @property
     def tokens(self) -> int:
-        return self.num_tokens + self.num_prefix_tokens
+        return self.layout.num_tokens + self.layout.num_prefix_tokens
 
 
-def _from_variant(name: str):
+def _instance(backbone: Any):
+    """A backbone from a variant name or a mapping of constructor arguments (on the meta device)."""
     import torch
 
-    from ..backbones import build_backbone
+    from ..backbones import build_backbone, from_mapping
 
     with torch.device("meta"):
-        return build_backbone(name)
+        return build_backbone(backbone) if isinstance(backbone, str) else from_mapping(backbone)
 
 
 def backbone_spec(backbone: Any, text_len: int | None = None) -> BackboneSpec:
-    """A :class:`BackboneSpec` from a backbone, a variant name ("DiT-XL/2") or a mapping of attributes."""
+    """A :class:`BackboneSpec` from a backbone, a variant name ("DiT-XL/2") or a mapping with ``family``."""
     if isinstance(backbone, BackboneSpec):
-        spec = backbone
-        if text_len is not None:
-            spec = BackboneSpec(**{**spec.__dict__, "text_len": int(text_len)})
-        return spec
-    if isinstance(backbone, str):
-        backbone = _from_variant(backbone)
-    if isinstance(backbone, Mapping):
-        get = lambda k, d=None: backbone.get(k, d)  # noqa: E731
-    else:
-        get = lambda k, d=None: getattr(backbone, k, d)  # noqa: E731
-    cfg = get("config", None) or {}
-    family = str(get("family"))
-    depth = int(get("depth"))
-    D = int(get("hidden_size") or get("embed_dim"))
-    patch = int(get("patch_size", 2))
-    input_size = int(get("input_size", 32) or 32)
-    n = get("num_tokens", None)
-    if n is None:
-        n = (input_size // patch) ** 2
-    kinds = tuple(get("site_kinds", ("attn", "xattn", "mlp") if family == "pixart" else ("attn", "mlp")))
-    L = text_len if text_len is not None else int(get("token_num", 0) or get("text_len", 0) or 0)
-    if family == "pixart" and "xattn" in kinds and L <= 0:
-        raise ValueError("PixArt cost needs the caption length: backbone.token_num or text_len=")
-    num_skip = 0
-    if family == "uvit":
-        num_skip = int(get("num_skip", depth // 2) if isinstance(backbone, Mapping) else (
-            sum(1 for b in backbone.out_blocks if b.skip_linear is not None) if hasattr(backbone, "out_blocks")
-            else depth // 2))
-    return BackboneSpec(
-        family=family, depth=depth, hidden_size=D, num_heads=int(get("num_heads")),
-        mlp_ratio=float(get("mlp_ratio", 4.0)), num_tokens=int(n),
-        num_prefix_tokens=int(get("num_prefix_tokens", 0) or 0), site_kinds=kinds, patch_size=patch,
-        in_channels=int(get("in_channels", 4)), out_channels=int(get("out_channels", get("in_channels", 4))),
-        input_size=input_size, text_len=int(L), caption_channels=int(get("caption_channels", 0) or 0),
-        num_skip=num_skip,
-        mlp_time_embed=bool(get("mlp_time_embed", cfg.get("mlp_time_embed", False) if isinstance(cfg, Mapping) else False)),
-        conv=bool(get("conv", cfg.get("conv", False) if isinstance(cfg, Mapping) else False)),
-    )
+        return backbone if text_len is None else replace(backbone, text_len=int(text_len))
+    if isinstance(backbone, (str, Mapping)):
+        backbone = _instance(backbone)
+    layout = backbone.layout
+    L = int(text_len if text_len is not None else getattr(backbone, "token_num", 0) or 0)
+    if "xattn" in layout.site_kinds and L <= 0:
+        raise ValueError("the cost of a cross-attention backbone needs the caption length: backbone.token_num or "
+                         "text_len=")
+    (o_l2c, f_l2c), (o_toca, f_toca) = backbone.fixed_cost("l2c"), backbone.fixed_cost("toca")
+    return BackboneSpec(layout=layout, hidden_size=int(backbone.hidden_size), num_heads=int(backbone.num_heads),
+                        mlp_ratio=float(backbone.mlp_ratio), text_len=L, outside=(float(o_l2c), float(o_toca)),
+                        layer_fixed=(tuple(f_l2c), tuple(f_toca)), guidance_off=float(backbone.guidance_off))
 
 
 # =============================================================================================== per branch
@@ -139,43 +122,6 @@ def _branch_cost(s: BackboneSpec, kind: str, f: float, convention: str, B: int) 
     raise ValueError(f"no cost model for site kind {kind!r}")
 
 
-def _layer_fixed(s: BackboneSpec, layer: int, convention: str, B: int) -> float:
-    """Per-layer cost paid on every forward regardless of caching."""
-    T, C = s.tokens, s.hidden_size
-    out = 0.0
-    skip = s.family == "uvit" and layer > s.depth // 2 and (layer - s.depth // 2) <= s.num_skip
-    if convention == "l2c":
-        if s.family == "dit":
-            out += B * 6 * C * C
-        if skip:
-            out += B * T * 2 * C * C
-    else:
-        out += B * 2 * T * C  # LayerNorms
-        if s.family == "dit":
-            out += B * C + B * 6 * C * C
-        if skip:
-            out += B * 2 * T * 2 * C * C
-    return out
-
-
-def _outside(s: BackboneSpec, convention: str, B: int) -> float:
-    """Per-forward MACs outside the blocks (l2c convention only; ToCa's counter excludes them)."""
-    if convention != "l2c":
-        return 0.0
-    C, N, T, p = s.hidden_size, s.num_tokens, s.tokens, s.patch_size
-    patch = N * p * p * s.in_channels * C
-    if s.family == "dit":
-        return B * (patch + s.freq_dim * C + C * C + 2 * C * C + N * C * p * p * s.out_channels)
-    if s.family == "uvit":
-        t = (C * 4 * C + 4 * C * C) if s.mlp_time_embed else 0
-        conv = s.input_size * s.input_size * 9 * s.in_channels * s.in_channels if s.conv else 0
-        return B * (patch + t + T * C * p * p * s.in_channels + conv)
-    if s.family == "pixart":
-        L, Cc = s.text_len, s.caption_channels
-        return B * (patch + s.freq_dim * C + C * C + 6 * C * C + L * (Cc * C + C * C) + N * C * p * p * s.out_channels)
-    raise ValueError(f"unknown backbone family {s.family!r}")
-
-
 def forward_cost(backbone: Any, convention: str = "l2c", batch: int = 1,
                  fractions: Mapping[tuple[int, str], float] | None = None, text_len: int | None = None) -> float:
     """MACs ("l2c") or FLOPs ("toca") of one forward of ``batch`` samples; ``fractions[(layer, kind)]`` is
@@ -184,33 +130,16 @@ def forward_cost(backbone: Any, convention: str = "l2c", batch: int = 1,
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     s = backbone_spec(backbone, text_len)
     fr = fractions or {}
-    total = _outside(s, convention, batch)
+    c = CONVENTIONS.index(convention)
+    total = batch * s.outside[c]
     for layer in range(s.depth):
-        total += _layer_fixed(s, layer, convention, batch)
+        total += batch * s.layer_fixed[c][layer]
         for kind in s.site_kinds:
             total += _branch_cost(s, kind, float(fr.get((layer, kind), 1.0)), convention, batch)
     return float(total)
 
 
 # =============================================================================================== a run
-def _prepare_policy(policy: Any, spec: BackboneSpec, solver: Any, backbone: Any) -> None:
-    if policy is None:
-        return
-    if getattr(policy, "geometry", "absent") is None and hasattr(policy, "set_geometry"):
-        if hasattr(backbone, "depth") and not isinstance(backbone, (Mapping, BackboneSpec, str)):
-            from ..policies.toca import geometry_of
-
-            policy.set_geometry(geometry_of(backbone))
-        else:
-            side = int(round(spec.num_tokens ** 0.5))
-            policy.set_geometry(depth=spec.depth, num_tokens=spec.num_tokens, num_prefix_tokens=spec.num_prefix_tokens,
-                                site_kinds=spec.site_kinds,
-                                token_grid=(side, side) if side * side == spec.num_tokens else None)
-    if getattr(policy, "schedule", "absent") is None and hasattr(policy, "set_schedule") and solver is not None \
-            and not isinstance(solver, int):
-        policy.set_schedule(solver)
-
-
 def run_cost(spec: BackboneSpec, num_evals: int, mask: Mapping[tuple[int, int, str], float] | None,
              convention: str, batch: int = 1) -> float:
     if mask is None:
@@ -236,11 +165,8 @@ def policy_cost(backbone: Any, solver: Any, policy: Any = None, guidance: float 
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     spec = backbone_spec(backbone, text_len)
     num_evals = int(solver) if isinstance(solver, int) else int(solver.num_evals)
-    _prepare_policy(policy, spec, solver, backbone)
-    mask = None if policy is None else policy.compute_mask(num_evals)
-    from ..solvers.denoiser import guidance_active
-
-    cfg = 2 if guidance_active(spec.family, guidance) else 1
+    mask = None if policy is None else policy.compute_mask(spec.layout, solver)
+    cfg = 2 if guidance is not None and float(guidance) != spec.guidance_off else 1
     out: dict[str, float] = {"num_evals": float(num_evals), "cfg_factor": float(cfg)}
     for conv, unit in (("l2c", "macs"), ("toca", "flops")):
         full = run_cost(spec, num_evals, None, conv)

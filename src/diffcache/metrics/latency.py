@@ -9,7 +9,7 @@ import torch
 
 
 def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: torch.device | str = "cpu") -> dict:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; seconds per call (mean, std)."""
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; seconds per call (mean, std, median, min, max)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     for _ in range(warmup):
@@ -29,4 +29,4 @@ def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device:
             fn()
             times.append(time.perf_counter() - t0)
     return {"mean_s": statistics.fmean(times), "std_s": statistics.pstdev(times) if len(times) > 1 else 0.0,
-            "repeats": repeats}
+            "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}

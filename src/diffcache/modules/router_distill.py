@@ -12,59 +12,75 @@ One iteration, as L2C's ``router_training_losses`` does it:
    C,H,W, then mean over the batch).
 
 The backbone is held outside the module tree, so checkpoints hold policy keys only and DDP never
-sees the frozen weights; ``requires_grad`` off and eval mode are asserted every step.
+sees the frozen weights; ``requires_grad`` off and eval mode are asserted every step. The policy is
+bound for the duration of each step only; the prefix runs through :func:`diffcache.sampling.advance`
+(the sampling loop) and teacher / student through :meth:`Denoiser.raw` (the sampling evaluation path).
+Soft routing comes from the module being in train mode; the image-free prefix routes hard
+(``policy.inference()``), the recorded prefix under ``policy.recording()``, the teacher under
+``policy.disabled()``.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from functools import partial
+from typing import Any, Callable
 
 import lightning as L
 import torch
 
-from ..data.datamodule import random_cond
-from ..policies.base import StepContext
-from ..solvers.denoiser import Denoiser
+from ..denoiser import Denoiser
+from ..sampling import advance
+
+NONFINITE = ("error", "skip")
 
 
 class RouterDistill(L.LightningModule):
-    def __init__(self, backbone, solver, policy, lr: float = 1e-3, weight_decay: float = 0.0,
-                 betas=(0.9, 0.999), lam: float = 1e-6, loss_reduction: str = "mean", label_drop: float = 0.1,
-                 per_sample_steps: bool = False, heatmap_every: int = 50, data_mode: str = "noise",
-                 seed: int = 0, **_: Any):
+    def __init__(self, backbone, solver, policy, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 lam: float = 1e-6, loss_reduction: str = "mean", label_drop: float = 0.1,
+                 per_sample_steps: bool = False, heatmap_every: int = 50, seed: int = 0,
+                 nonfinite: str = "error"):
         super().__init__()
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"module.loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        if not any(True for _ in policy.parameters()):
-            raise ValueError(f"policy={policy.name} has no trainable parameters: router training needs policy=l2c "
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"module.nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if not (math.isfinite(float(lam)) and float(lam) >= 0):
+            raise ValueError(f"the L1 weight lam must be a finite number >= 0, got {lam}")
+        if not hasattr(policy, "sum_beta"):
+            raise ValueError(f"policy={policy.name} has no trainable routers: router training needs policy=l2c "
                              f"(use evaluate.py to measure {policy.name})")
         object.__setattr__(self, "backbone", backbone)
         backbone.requires_grad_(False).eval()
+        policy.setup(backbone, solver)  # routers exist before the optimiser is built
         self.policy = policy
-        policy.attach(backbone)
         self.solver = solver
         self.denoiser = Denoiser(backbone, guidance=None)  # L2C trains without CFG (label drop only)
         self.cache_evals = list(policy.trainable_evals(solver))
         if not self.cache_evals:
             raise ValueError(f"solver {solver.name} with {solver.num_evals} evaluations has no cache step to train")
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.lam, self.loss_reduction, self.label_drop = lam, loss_reduction, label_drop
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0)
+        self.lam, self.loss_reduction, self.label_drop = float(lam), loss_reduction, label_drop
         self.per_sample_steps, self.heatmap_every = per_sample_steps, heatmap_every
-        self.data_mode, self.seed = data_mode, seed
+        self.seed, self.nonfinite = seed, nonfinite
+        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ lightning plumbing
     def on_fit_start(self) -> None:
         self.backbone.to(self.device)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.policy.parameters(), lr=self.lr, betas=self.betas,
-                                 weight_decay=self.weight_decay)
+        return self.optimizer_factory(self.policy.parameters())
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.policy.clamp_()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        layout = self.backbone.layout
         checkpoint["diffcache"] = {"policy": self.policy.name, "solver": self.solver.name,
-                                   "backbone": type(self.backbone).__name__, "cache_evals": self.cache_evals}
+                                   "num_steps": self.solver.num_steps, "num_evals": self.solver.num_evals,
+                                   "cache_interval": self.policy.cache_interval,
+                                   "backbone": type(self.backbone).__name__, "depth": layout.depth,
+                                   "site_kinds": list(layout.site_kinds), "cache_evals": self.cache_evals}
 
     def _assert_frozen(self) -> None:
         assert not self.backbone.training, "teacher backbone must stay in eval mode"
@@ -82,10 +98,8 @@ class RouterDistill(L.LightningModule):
         else:
             x0 = None
             B = batch["index"].shape[0]
-            cond = random_cond(self.backbone, B, g)
-            cond = {k: v.to(self.device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(self.device)
-        cond = self._drop_labels(cond, B, g)
-        return x0, cond, B
+            cond = _to(self.backbone.random_cond(B, g), self.device)
+        return x0, self._drop_labels(cond, B, g), B
 
     def _drop_labels(self, cond, B: int, g: torch.Generator):
         """L2C trains 'with CFG': 10% of labels become the null class (or the null caption)."""
@@ -110,52 +124,54 @@ class RouterDistill(L.LightningModule):
             m = self.cache_evals[int(torch.randint(len(self.cache_evals), (1,), generator=g))]
             groups = [(m, None)]
         mse_total, l1_total = 0.0, 0.0
-        for m, idx in groups:
-            xs = None if x0 is None else (x0 if idx is None else x0[idx])
-            cs = cond if idx is None else _index_cond(cond, idx.to(self.device))
-            n = B if idx is None else len(idx)
-            mse, l1 = self._distill_at(m, xs, cs, n, g)
-            mse_total = mse_total + mse * (n / B)
-            l1_total = l1_total + l1 * (n / B)
+        with self.policy.bound(self.backbone, self.solver):
+            for m, idx in groups:
+                xs = None if x0 is None else (x0 if idx is None else x0[idx])
+                cs = cond if idx is None else _index_cond(cond, idx.to(self.device))
+                n = B if idx is None else len(idx)
+                mse, l1 = self._distill_at(m, xs, cs, n, g)
+                mse_total = mse_total + mse * (n / B)
+                l1_total = l1_total + l1 * (n / B)
         loss = mse_total + self.lam * l1_total
+        if not torch.isfinite(loss.detach()):
+            if self.nonfinite == "error":
+                raise FloatingPointError(
+                    f"router training loss is {float(loss):g} at step {self.global_step} (mse {float(mse_total):g}, "
+                    f"sum_beta {float(l1_total):g}, lam {self.lam:g}); stopping before a non-finite router is "
+                    f"written. Lower policy.lam / module.optimizer.lr, or set module.nonfinite=skip")
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=B)
+            return None
         self.log_dict({"train/loss": loss, "train/mse": mse_total, "train/sum_beta": l1_total,
                        "train/cache_eval": float(groups[0][0])}, prog_bar=True, batch_size=B)
         return loss
 
     def _distill_at(self, m: int, x0, cond, B: int, g: torch.Generator):
-        solver, policy = self.solver, self.policy
+        solver, policy, den = self.solver, self.policy, self.denoiser
         start = solver.step_start(solver.step_of(m) - 1)
         shape = (B, self.backbone.in_channels, self.backbone.input_size, self.backbone.input_size)
         eps = torch.randn(shape, generator=g).to(self.device)
         policy.reset()
         with torch.no_grad():
             if x0 is None:  # image-free: the student's own hard-cached trajectory from pure noise
-                state = solver.init(eps, 0)
-                policy.mode = "infer"
-                for k in range(start):
-                    state = self._eval(state, k, cond, g)
+                with policy.inference():
+                    state = advance(den, solver, solver.init(eps, 0), cond, stop=start, generator=g)
             else:  # faithful: forward-diffuse real latents to the full step before m
                 a, s = solver.alpha_sigma(start)
                 state = solver.init(a * x0 + s * eps, start)
-            policy.mode = "record"
-            for k in range(start, m):
-                state = self._eval(state, k, cond, g)
+            with policy.recording():
+                state = advance(den, solver, state, cond, stop=m, generator=g)
             x = solver.model_input(state, m)
-            t = torch.full((B,), float(solver.model_times()[m]), device=self.device)
             with policy.disabled():
-                teacher = self.backbone(x, t, cond)
-        policy.mode = "train"
-        policy.begin(StepContext(nfe=m, step=solver.step_of(m), num_steps=solver.num_steps,
-                                 num_evals=solver.num_evals, timestep=float(t[0])))
-        student = self.backbone(x, t, cond)
+                teacher = den.raw(x, m, solver, cond)
+        student = den.raw(x, m, solver, cond)
         err = (student.float() - teacher.float()).pow(2).flatten(1)
         per_sample = err.mean(1) if self.loss_reduction == "mean" else err.sum(1)
         return per_sample.mean(), policy.sum_beta(m)
 
-    def _eval(self, state, k: int, cond, g: torch.Generator):
-        x = self.solver.model_input(state, k)
-        out = self.denoiser(x, k, self.solver, cond, self.policy)
-        return self.solver.update(state, out, k, generator=g)
+
+def _to(cond, device):
+    return {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
 
 
 def _index_cond(cond, idx: torch.Tensor):

@@ -1,9 +1,15 @@
 """The cache-policy contract.
 
-A policy owns every trainable parameter and every cached tensor. Backbones call
-``policy.site(layer, kind, module, h, *args)``; the denoiser tells the policy where in sampling it is
-with :class:`StepContext` (``at(ctx)``), including which CFG branch runs, so cond and uncond caches
-never mix. ``disabled()`` turns the policy into a pass-through (the teacher pass in router training).
+A policy owns every trainable parameter and every cached tensor, and is bound to a backbone only for
+the duration of a run: ``with policy.bound(backbone, solver):`` prepares the policy's plan for that
+layout and solver, routes the backbone's cache sites through :meth:`site`, and on exit (even on an
+exception) leaves the backbone uncached and the policy's caches empty. ``sample()`` does this.
+
+The denoiser tells the bound policy where in sampling it is (:class:`StepContext`), including which
+CFG branch runs, so cond and uncond caches never mix. How a site behaves is decided by scoped state
+only: ``self.training`` (soft vs hard routing, for policies that learn), and the context managers
+:meth:`disabled` (a pure pass-through: the teacher pass), :meth:`recording` (compute every branch and
+store it: the no-grad prefix of router training) and :meth:`inference` (hard routing inside training).
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ class StepContext:
 
 
 class CachePolicy(nn.Module):
-    """Base policy: a pass-through. Subclasses override :meth:`apply` and :meth:`reset`."""
+    """Base policy: a pass-through. Subclasses override :meth:`prepare`, :meth:`apply` and :meth:`reset`."""
 
     name = "base"
 
@@ -48,39 +54,75 @@ class CachePolicy(nn.Module):
         super().__init__()
         self.ctx: StepContext | None = None
         self._enabled = True
-        object.__setattr__(self, "backbone", None)
+        self._recording = False
 
-    # ------------------------------------------------------------------ wiring
-    def attach(self, backbone) -> "CachePolicy":
-        object.__setattr__(self, "backbone", backbone)
-        backbone.set_policy(self)
+    # ------------------------------------------------------------------ binding
+    def prepare(self, layout, solver=None) -> None:
+        """Set up what a run on ``layout`` (a :class:`~diffcache.backbones.base.SiteLayout`) with ``solver``
+        needs (plans, router shapes); idempotent. Called on entry to :meth:`bound`."""
+
+    def setup(self, backbone, solver=None) -> None:
+        """:meth:`prepare` for ``backbone``'s layout; policies that read other backbone conventions
+        (a default preset, a checkpoint format) override this."""
+        self.prepare(backbone.layout, solver)
+
+    @contextlib.contextmanager
+    def bound(self, backbone, solver=None) -> Iterator["CachePolicy"]:
+        """Bind to ``backbone`` for one run; on exit the backbone is uncached and the caches are dropped."""
+        self.setup(backbone, solver)
         self.reset()
-        return self
-
-    def detach(self) -> None:
-        if self.backbone is not None:
-            self.backbone.set_policy(None)
-        object.__setattr__(self, "backbone", None)
+        try:
+            with backbone.bind(self):
+                yield self
+        finally:
+            self.ctx = None
+            self.release()
 
     def reset(self) -> None:
-        """Drop all cached tensors (a new sampling run starts)."""
+        """Drop all cached tensors and per-run counters (a new sampling run starts)."""
+
+    def release(self) -> None:
+        """Drop the cached tensors when a run ends (memory); per-run counters stay readable."""
+        self.reset()
 
     def begin(self, ctx: StepContext) -> None:
-        """Called before each backbone evaluation. ``sample()`` calls :meth:`reset` at the start of a run."""
+        """Called by the denoiser before each backbone evaluation."""
         self.ctx = ctx
 
     @contextlib.contextmanager
     def at(self, ctx: StepContext) -> Iterator["CachePolicy"]:
+        """``begin(ctx)`` for a direct backbone call inside a bound run (tests, custom loops)."""
         self.begin(ctx)
         yield self
 
+    # ------------------------------------------------------------------ scoped behaviour
     @contextlib.contextmanager
     def disabled(self) -> Iterator["CachePolicy"]:
+        """A pure pass-through that neither reads nor writes the cache (the teacher pass)."""
         prev, self._enabled = self._enabled, False
         try:
             yield self
         finally:
             self._enabled = prev
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["CachePolicy"]:
+        """Compute every branch and store its output as the cache (router training's no-grad prefix)."""
+        prev, self._recording = self._recording, True
+        try:
+            yield self
+        finally:
+            self._recording = prev
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator["CachePolicy"]:
+        """Hard (inference) routing inside the block, whatever ``self.training`` was; restored after."""
+        prev = self.training
+        self.train(False)
+        try:
+            yield self
+        finally:
+            self.train(prev)
 
     # ------------------------------------------------------------------ the hook
     def site(self, layer: int, kind: str, module: Callable[..., torch.Tensor], h: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -92,6 +134,24 @@ class CachePolicy(nn.Module):
         return module(h, *args)
 
     # ------------------------------------------------------------------ reporting
-    def compute_mask(self, num_evals: int) -> dict[tuple[int, int, str], float] | None:
-        """Optional: fraction of tokens computed per (nfe, layer, kind) for the MAC counter; None = all."""
+    def compute_mask(self, layout, solver) -> dict[tuple[int, int, str], float] | None:
+        """Optional: fraction of tokens computed per (nfe, layer, kind) at inference, for the MAC counter;
+        None = everything computed."""
         return None
+
+    def summary(self, layout=None, solver=None) -> dict[str, float]:
+        """Flat floats describing what the policy does (for run summaries and loggers)."""
+        return {}
+
+
+@contextlib.contextmanager
+def run_with(policy: CachePolicy | None, backbone, solver) -> Iterator[CachePolicy | None]:
+    """``policy.bound(backbone, solver)`` with hard routing, or the uncached backbone when ``policy`` is None."""
+    if policy is None:
+        if backbone.policy is not None:
+            raise RuntimeError(f"{type(backbone).__name__} is bound to {type(backbone.policy).__name__} by another "
+                               f"run; an uncached run cannot nest inside it")
+        yield None
+        return
+    with policy.bound(backbone, solver), policy.inference():
+        yield policy

@@ -42,28 +42,12 @@ class FORAPolicy(CachePolicy):
             raise ValueError(f"direction must be 'down' or 'up', got {direction!r}")
         self.interval = int(interval)
         self.direction = direction
-        self.geometry = None  # (depth, site_kinds) for compute_mask without running
+        self.geometry = None  # (depth, site_kinds), from the layout a run (or compute_mask) prepares
         self._cache: dict[tuple[str, int, str], torch.Tensor] = {}
         self._plans: dict[int, list[bool]] = {}
 
-    @classmethod
-    def from_config(cls, cfg, backbone=None) -> "FORAPolicy":
-        c = dict(cfg or {})
-        c.pop("name", None)
-        policy = cls(**c)
-        if backbone is not None:
-            policy.attach(backbone)
-        return policy
-
-    def attach(self, backbone) -> "FORAPolicy":
-        self.set_geometry(depth=int(backbone.depth), site_kinds=tuple(backbone.site_kinds))
-        return super().attach(backbone)
-
-    def set_geometry(self, geometry=None, *, depth: int | None = None, site_kinds=("attn", "mlp"), **_: Any):
-        if geometry is not None:
-            depth, site_kinds = geometry.depth, geometry.site_kinds
-        self.geometry = (int(depth), tuple(site_kinds))
-        return self
+    def prepare(self, layout, solver=None) -> None:
+        self.geometry = (int(layout.depth), tuple(layout.site_kinds))
 
     def full(self, num_evals: int) -> list[bool]:
         plan = self._plans.get(int(num_evals))
@@ -89,16 +73,20 @@ class FORAPolicy(CachePolicy):
             raise RuntimeError(f"FORA cache holds a batch of {out.shape[0]} but this evaluation runs {h.shape[0]}")
         return out
 
-    def compute_mask(self, num_evals: int) -> dict[tuple[int, int, str], float]:
+    def compute_mask(self, layout=None, solver=None) -> dict[tuple[int, int, str], float]:
+        if layout is not None:
+            self.prepare(layout)
         if self.geometry is None:
-            raise ValueError("FORAPolicy has no layout yet: attach a backbone or call set_geometry(depth=...)")
+            raise ValueError("FORAPolicy has no layout yet: bind it to a backbone or pass layout=")
         depth, kinds = self.geometry
+        num_evals = solver.num_evals if hasattr(solver, "num_evals") else int(solver)
         full = self.full(num_evals)
         return {(e, layer, kind): 1.0 if full[e] else 0.0
                 for e in range(int(num_evals)) for layer in range(depth) for kind in kinds}
 
-    def summary(self, num_evals: int | None = None) -> dict[str, float]:
-        n = num_evals if num_evals is not None else (self.ctx.num_evals if self.ctx is not None else None)
+    def summary(self, layout=None, solver=None) -> dict[str, float]:
+        n = getattr(solver, "num_evals", solver) if solver is not None else (
+            self.ctx.num_evals if self.ctx is not None else None)
         if n is None:
             return {"interval": float(self.interval)}
         full = self.full(n)

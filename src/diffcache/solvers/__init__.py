@@ -1,50 +1,35 @@
-"""Diffusion solvers behind one functional contract (:mod:`.base`), built by :func:`make_solver`.
+"""Diffusion solvers behind one functional contract (:mod:`.base`).
 
-``ddim`` / ``ddpm`` run DiT-respaced discrete chains; ``dpm_solver2`` (singlestep, ``num_steps`` = NFE) and
-``dpm_solver_pp`` (2M multistep) run on the continuous VP view of the same discrete schedule.
+Configs build them with Hydra (``solver._target_``); :func:`make_solver` is the same for Python callers:
+``ddim`` / ``ddpm`` run DiT-respaced discrete chains; ``dpm_solver2`` (singlestep, ``num_steps`` = NFE)
+and ``dpm_solver_pp`` (2M multistep) run on the continuous VP view of the same discrete schedule.
 """
 from __future__ import annotations
+
+import inspect
 
 from .base import ModelOutput, Solver, SolverState
 from .ddim import DDIM
 from .ddpm import DDPM
 from .dpm_solver import DPMSolver2, DPMSolverPP2M
 
-ALGORITHMS = ("ddim", "ddpm", "dpm_solver2", "dpm_solver_pp")
-KWARGS = ("eta", "prediction", "skip_type", "t_end", "time_input", "num_train_timesteps", "spacing")
-_APPLICABLE = {
-    "ddim": ("eta", "spacing", "num_train_timesteps"),
-    "ddpm": ("spacing", "num_train_timesteps"),
-    "dpm_solver2": ("prediction", "skip_type", "t_end", "time_input", "num_train_timesteps"),
-    "dpm_solver_pp": ("skip_type", "t_end", "time_input", "num_train_timesteps"),
-}
-_CLASSES = {"ddim": DDIM, "ddpm": DDPM, "dpm_solver2": DPMSolver2, "dpm_solver_pp": DPMSolverPP2M}
+CLASSES = {cls.name: cls for cls in (DDIM, DDPM, DPMSolver2, DPMSolverPP2M)}
+ALGORITHMS = tuple(CLASSES)
 
 
 def make_solver(algorithm: str, num_steps: int, schedule: str = "linear", **kw) -> Solver:
-    """Build a solver. ``num_steps`` is the step count, except for ``dpm_solver2`` where it is the NFE.
-
-    Keyword arguments not used by the chosen algorithm are rejected unless None, so a config that sets e.g.
-    ``eta`` for a DPM solver fails loudly. ``time_input`` is accepted for DDIM/DDPM only as ``"discrete"``
-    (their backbone times are the original discrete timesteps).
-    """
-    if algorithm not in _CLASSES:
+    """``CLASSES[algorithm](num_steps, schedule=schedule, **kw)``; an argument the class does not take is a ValueError that
+    lists the ones it does (read from its signature). ``None`` values are dropped."""
+    if algorithm not in CLASSES:
         raise ValueError(f"unknown solver algorithm {algorithm!r}; choose one of {ALGORITHMS}")
-    unknown = sorted(set(kw) - set(KWARGS))
-    if unknown:
-        raise ValueError(f"unknown solver argument(s) {unknown}; valid: {list(KWARGS)}")
-    args = {}
-    for key, val in kw.items():
-        if val is None:
-            continue
-        if key in _APPLICABLE[algorithm]:
-            args[key] = val
-        elif key == "time_input" and algorithm in ("ddim", "ddpm") and val == "discrete":
-            continue
-        else:
-            raise ValueError(f"solver {algorithm!r} does not take {key!r}; it takes {list(_APPLICABLE[algorithm])}")
-    return _CLASSES[algorithm](int(num_steps), schedule=schedule, **args)
+    cls = CLASSES[algorithm]
+    takes = [p for p in inspect.signature(cls).parameters if p not in ("num_steps", "schedule")]
+    kw = {k: v for k, v in kw.items() if v is not None}
+    bad = sorted(set(kw) - set(takes))
+    if bad:
+        raise ValueError(f"solver {algorithm!r} does not take {bad}; it takes {takes}")
+    return cls(int(num_steps), schedule=schedule, **kw)
 
 
-__all__ = ["ALGORITHMS", "DDIM", "DDPM", "DPMSolver2", "DPMSolverPP2M", "ModelOutput", "Solver", "SolverState",
-           "make_solver"]
+__all__ = ["ALGORITHMS", "CLASSES", "DDIM", "DDPM", "DPMSolver2", "DPMSolverPP2M", "ModelOutput", "Solver",
+           "SolverState", "make_solver"]

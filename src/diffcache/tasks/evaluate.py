@@ -1,12 +1,15 @@
 """``evaluate(cfg)``: sample with a cache policy and report what it costs and what it changes.
 
-Reported per run: analytic MACs / FLOPs (cache-aware) and their ratio to the uncached sampler,
-wall-clock latency, and the error of the cached samples against uncached samples from the *same*
-noise and conditioning (MSE and PSNR in latent space): an honest fidelity measure that needs no
-Inception weights. FID/IS come with the evaluation-at-scale work.
+Reported per run: analytic MACs / FLOPs (cache-aware) and the speedup over the uncached sampler,
+wall-clock latency of the cached and the uncached sampler measured in the same run (median of
+``eval.latency_repeats`` after a warm-up) and their ratio, and the error of the cached samples against
+uncached samples from the *same* noise, conditioning and per-step solver noise (MSE and PSNR in
+latent space): an honest fidelity measure that needs no Inception weights. A policy that caches nothing
+has error 0, and every number reproduces (everything is seeded per sample index).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,9 +18,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..data.datamodule import random_cond
+from ..backbones.base import cat_cond
+from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
-from ..policies.none import NoCache
 from ..sampling import sample
 from ..utils.build import build_backbone, build_loggers, build_policy, build_solver
 
@@ -27,53 +30,70 @@ log = logging.getLogger(__name__)
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"eval.device={name} but no CUDA device is available here; use eval.device=cpu (or auto)")
     return torch.device(name)
 
 
 def _batches(cfg, backbone, device):
-    """Noise and conditioning seeded per sample index, so results do not depend on the batch size."""
-    from ..backbones.base import cat_cond
-
+    """(noise, cond, generator) seeded per sample index: results never depend on the batch size; the
+    generator feeds stochastic solvers (DDPM) so cached and full runs share their per-step noise."""
     n, bs = int(cfg.eval.num_samples), int(cfg.eval.batch_size)
+    if n < 1 or bs < 1:
+        raise ValueError(f"eval.num_samples and eval.batch_size must be >= 1, got {n} and {bs}")
     shape = (backbone.in_channels, backbone.input_size, backbone.input_size)
     for start in range(0, n, bs):
         idx = range(start, min(start + bs, n))
         gens = [torch.Generator().manual_seed(cfg.seed * 7919 + i) for i in idx]
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        cond = cat_cond([random_cond(backbone, 1, g) for g in gens])
+        cond = cat_cond([backbone.random_cond(1, g) for g in gens])
         cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
-        yield noise, cond
+        yield noise, cond, torch.Generator().manual_seed(cfg.seed * 104729 + start)
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.eval.device)
+    device = _device(str(cfg.eval.device))
     backbone = build_backbone(cfg.backbone).to(device).eval()
     solver = build_solver(cfg.solver)
-    policy = build_policy(cfg.policy, backbone, solver, router_ckpt=cfg.get("router_ckpt")).to(device)
+    router = cfg.get("router_ckpt")
+    policy = build_policy(cfg.policy, router_ckpt=router).to(device)
+    if hasattr(policy, "load_official") and not router:
+        raise ValueError("policy=l2c needs router_ckpt=/path/to/router.pt (written by train.py, or a released L2C "
+                         "router); without it the routers would be random N(0,1) logits")
     guidance = float(cfg.eval.guidance)
     progress = bool(cfg.eval.progress)
 
     def run(pol):
-        return torch.cat([sample(backbone, solver, pol, noise, cond, guidance=guidance, progress=progress).cpu()
-                          for noise, cond in _batches(cfg, backbone, device)])
+        return torch.cat([sample(backbone, solver, pol, noise, cond, guidance=guidance, progress=progress,
+                                 generator=g).cpu() for noise, cond, g in _batches(cfg, backbone, device)])
 
     cached = run(policy)
     result: dict = {"run_name": cfg.run_name, "num_samples": int(cached.shape[0]), "guidance": guidance,
-                    "num_evals": solver.num_evals}
-    if cfg.eval.compare_to_full and cfg.policy.name != "none":
-        full = run(NoCache())
-        policy.attach(backbone)
+                    "num_evals": solver.num_evals, "seed": int(cfg.seed)}
+    if router:
+        result.update({"router": str(router), "router_sha256": _sha256(router)})
+    cost = policy_cost(backbone, solver, policy, guidance=guidance)
+    result.update({k: v for k, v in cost.items() if k in ("macs", "macs_full", "flops", "flops_full", "cfg_factor")})
+    result.update({"macs_fraction": cost["macs_ratio"], "speedup_macs": cost["speedup_macs"],
+                   "flops_fraction": cost["flops_ratio"], "speedup_flops": cost["speedup_flops"]})
+    result.update({k: v for k, v in policy.summary(backbone.layout, solver).items()})
+    if cfg.eval.compare_to_full and policy.name != "none":
+        full = run(None)
         mse = (cached - full).pow(2).mean().item()
         peak = full.abs().max().item()
         result.update({"mse_vs_full": mse, "psnr_vs_full_db": 10 * math.log10(peak ** 2 / max(mse, 1e-30))})
-    result.update(_cost(backbone, solver, policy, guidance))
     if int(cfg.eval.latency_repeats) > 0:
-        noise, cond = next(_batches(cfg, backbone, device))
-        lat = measure(lambda: sample(backbone, solver, policy, noise, cond, guidance=guidance), device=device,
-                      repeats=int(cfg.eval.latency_repeats), warmup=1)
-        result.update({"latency_s": lat["mean_s"], "latency_std_s": lat["std_s"], "latency_batch": noise.shape[0]})
+        result.update(_latency(cfg, backbone, solver, policy, guidance, device))
     if cfg.eval.save_grid:
         result["grid"] = str(save_grid(cached, out / "samples.png"))
     torch.save(cached, out / "samples.pt")
@@ -85,10 +105,19 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-def _cost(backbone, solver, policy, guidance: float) -> dict:
-    from ..metrics.cost import policy_cost
-
-    return policy_cost(backbone, solver, policy, guidance=guidance)
+def _latency(cfg, backbone, solver, policy, guidance: float, device) -> dict:
+    """Cached and uncached latency on the same first batch, same run: medians and their ratio."""
+    noise, cond, _ = next(_batches(cfg, backbone, device))
+    reps = int(cfg.eval.latency_repeats)
+    res = {}
+    for key, pol in (("cached", policy), ("full", None)):
+        lat = measure(lambda: sample(backbone, solver, pol, noise, cond, guidance=guidance,
+                                     generator=torch.Generator().manual_seed(0)), device=device, repeats=reps, warmup=1)
+        res.update({f"latency_{key}_s": lat["median_s"], f"latency_{key}_min_s": lat["min_s"],
+                    f"latency_{key}_max_s": lat["max_s"]})
+    res["speedup_latency"] = res["latency_full_s"] / max(res["latency_cached_s"], 1e-12)
+    res.update({"latency_batch": int(noise.shape[0]), "latency_repeats": reps})
+    return res
 
 
 def save_grid(latents: torch.Tensor, path: Path, nrow: int = 8) -> Path:

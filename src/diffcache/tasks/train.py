@@ -7,10 +7,8 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..data.datamodule import build_datamodule
-from ..modules.router_distill import RouterDistill
 from ..utils.build import build_backbone, build_callbacks, build_loggers, build_policy, build_solver
 
 log = logging.getLogger(__name__)
@@ -23,21 +21,23 @@ def train(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     backbone = build_backbone(cfg.backbone)
     solver = build_solver(cfg.solver)
-    policy = build_policy(cfg.policy, backbone, solver)
-    datamodule = build_datamodule(cfg.data, backbone, seed=cfg.seed)
-    module_cfg = OmegaConf.to_container(cfg.module, resolve=True)
-    module = RouterDistill(backbone, solver, policy, data_mode=cfg.data.name, seed=cfg.seed, **module_cfg)
+    policy = build_policy(cfg.policy)
+    if not hasattr(policy, "sum_beta"):
+        raise ValueError(f"router training needs policy=l2c; policy={policy.name} has nothing to train "
+                         f"(measure it with evaluate.py policy={policy.name})")
+    datamodule = instantiate(cfg.data).bind(backbone)
+    module = instantiate(cfg.module)(backbone, solver, policy)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")) or False,
                                      callbacks=build_callbacks(cfg.get("callbacks")))
-    log.info("training %s router: %s", cfg.policy.name, cfg.run_name)
+    log.info("training %s router: %s", policy.name, cfg.run_name)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         router_path = policy.export_official(out / "router")
-        metrics.update(policy.summary())
+        metrics.update(policy.summary(backbone.layout, solver))
         summary = {"run_name": cfg.run_name, "router": str(router_path), "global_step": trainer.global_step,
-                   "overrides": _task_overrides(),
-                   "lam": float(cfg.policy.lam), "theta": float(cfg.policy.theta), **metrics}
+                   "overrides": _task_overrides(), "lam": policy.lam, "theta": policy.theta,
+                   "loss_reduction": module.loss_reduction, "clamp": policy.clamp, **metrics}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("router saved to %s", router_path)
     return metrics

@@ -1,9 +1,17 @@
-"""Config -> objects. Tasks and tests call these so every entry point builds things the same way."""
+"""Config -> objects, with Hydra as the factory: every group node names its class with ``_target_``.
+
+Only the backbone needs more than ``instantiate``: its node also carries settings that other groups
+and the tasks read (weights, guidance, noise schedule, the family's L2C recipe), which are not
+constructor arguments; they are listed once, in :data:`BACKBONE_RUN_KEYS`.
+"""
 from __future__ import annotations
 
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+BACKBONE_RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "l2c")
 
 
 def _plain(cfg) -> dict[str, Any]:
@@ -11,55 +19,38 @@ def _plain(cfg) -> dict[str, Any]:
 
 
 def build_backbone(cfg):
-    from ..backbones import load_backbone
+    """Instantiate ``backbone._target_`` (a :class:`~diffcache.backbones.base.CachedBackbone` subclass or
+    factory), then load ``backbone.ckpt`` strictly; the result is in eval mode (a frozen teacher)."""
+    from ..backbones import check_weights_given, load_checkpoint
 
     c = _plain(cfg)
-    return load_backbone(c["arch"], ckpt=c.get("ckpt"), random_init=bool(c.get("random_init", False)),
-                         **(c.get("overrides") or {}))
+    run = {k: c.pop(k) for k in BACKBONE_RUN_KEYS if k in c}
+    if "_target_" not in c:
+        raise ValueError("the backbone config needs _target_ (e.g. diffcache.backbones.build_backbone with arch=, "
+                         "or your own CachedBackbone subclass)")
+    check_weights_given(c.get("arch"), run.get("ckpt"), bool(run.get("random_init", False)))
+    model = instantiate(c, **(run.get("overrides") or {}))
+    if run.get("ckpt"):
+        load_checkpoint(model, run["ckpt"])
+    return model.eval()
 
 
 def build_solver(cfg):
-    from ..solvers import make_solver
-
-    c = _plain(cfg)
-    c.pop("name", None)
-    return make_solver(**c)
+    return instantiate(cfg)
 
 
-def build_policy(cfg, backbone=None, solver=None, router_ckpt: str | None = None):
-    """``policy=none|l2c|toca|fora`` -> a CachePolicy attached to ``backbone``."""
-    c = _plain(cfg)
-    name = c.pop("name")
-    if name == "none":
-        from ..policies.none import NoCache
-
-        policy = NoCache()
-    elif name == "l2c":
-        from ..policies.l2c import L2CPolicy
-
-        policy = L2CPolicy.from_config(c, backbone=backbone, solver=solver, ckpt=router_ckpt)
-    elif name == "toca":
-        from ..policies.toca import ToCaPolicy
-
-        policy = ToCaPolicy.from_config(c, backbone=backbone)
-    elif name == "fora":
-        from ..policies.fora import FORAPolicy
-
-        policy = FORAPolicy(**c)
-    else:
-        raise ValueError(f"unknown policy {name!r}; choose none | l2c | toca | fora")
-    if backbone is not None:
-        policy.attach(backbone)
+def build_policy(cfg, router_ckpt: str | None = None):
+    """``policy._target_`` -> a CachePolicy; ``router_ckpt`` loads an L2C router file into it."""
+    policy = instantiate(cfg)
+    if router_ckpt:
+        if not hasattr(policy, "load_official"):
+            raise ValueError(f"router_ckpt is only for policy=l2c (this run uses {policy.name})")
+        policy.load_official(router_ckpt)
     return policy
 
 
 def build_loggers(cfg) -> list:
-    from hydra.utils import instantiate
-
     return [instantiate(v) for v in (cfg or {}).values() if v is not None and "_target_" in v]
 
 
-def build_callbacks(cfg) -> list:
-    from hydra.utils import instantiate
-
-    return [instantiate(v) for v in (cfg or {}).values() if v is not None and "_target_" in v]
+build_callbacks = build_loggers

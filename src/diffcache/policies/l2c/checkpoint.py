@@ -238,3 +238,37 @@ def save_official(path: str | os.PathLike, logits: Sequence[torch.Tensor], fmt: 
     _save({"routers": routers, "opt": opt if opt is not None else empty_opt_state(len(logits)), "args": args},
           path, archive_name)
     return path
+
+
+def export_policy(policy, path: str | os.PathLike, fmt: str | None = None, *,
+                  optimizer: torch.optim.Optimizer | None = None, args: argparse.Namespace | Mapping | None = None,
+                  archive_name: str | None = None) -> Path:
+    """Write an :class:`~diffcache.policies.l2c.L2CPolicy`'s routers in the official format.
+
+    ``fmt`` "dit" | "uvit" (default: the imported file's, else the backbone's ``router_format``). DiT
+    ``opt``: from ``optimizer`` if given (built on ``policy.parameters()``), else the imported file's if
+    the routers are unchanged since import, else an empty AdamW state. ``args``: given, else imported,
+    else a Namespace describing the policy. A path without a suffix gets ``.pt`` (DiT) or ``.pth`` (U-ViT).
+    """
+    fmt = fmt or policy.router_format or "dit"
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".pth" if fmt == "uvit" else ".pt")
+    logits = [p.detach() for p in policy.routers]
+    off = policy.imported
+    unchanged = off is not None and len(off.logits) == len(logits) and all(
+        torch.equal(a.cpu(), b.cpu()) for a, b in zip(off.logits, logits))
+    opt = None
+    if optimizer is not None:
+        opt = optimizer_state(optimizer, list(policy.routers))
+    elif unchanged and off.opt is not None:
+        opt = off.opt
+    if args is None:
+        sched = policy.schedule
+        args = off.args if off is not None and off.args is not None else argparse.Namespace(
+            num_sampling_steps=sched.num_steps if sched else policy.num_routers, l1=policy.lam,
+            ste_threshold=None, clamp=policy.clamp, theta=policy.theta, cache_interval=policy.cache_interval,
+            source="diffcache")
+    if archive_name is None and off is not None:
+        archive_name = off.archive_name
+    return save_official(path, logits, fmt, opt=opt, args=args, archive_name=archive_name)

@@ -1,0 +1,50 @@
+"""OmegaConf resolvers the configs use; registered on ``import diffcache`` (before Hydra names run dirs).
+
+``${dc.run_name:${backbone},${solver},${policy}}`` names a run after what actually runs (the arch, or a
+user class; the solver class and step count; the policy), so ``backbone.arch=DiT-L/2`` never yields a
+run called ``dit-...``. ``${dc.slug:...}`` makes any override string safe as one folder name.
+"""
+from __future__ import annotations
+
+import re
+
+from omegaconf import OmegaConf
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+
+
+def slug(text, max_len: int = 80) -> str:
+    """One safe path component: runs of other characters become ``_``; long names keep a hash suffix."""
+    import hashlib
+
+    s = _UNSAFE.sub("_", str(text)).strip("._") or "run"
+    if len(s) > max_len:
+        s = s[: max_len - 9] + "_" + hashlib.sha1(s.encode()).hexdigest()[:8]
+    return s
+
+
+def _target_name(node) -> str:
+    target = str(node.get("_target_", "") or "")
+    return target.rsplit(".", 1)[-1] if target else "custom"
+
+
+def run_name(backbone, solver, policy) -> str:
+    from hydra.utils import get_class
+
+    arch = backbone.get("arch") or _target_name(backbone)
+    try:
+        alg = getattr(get_class(solver._target_), "name", _target_name(solver))
+    except Exception:  # a run name must never be the reason a run fails
+        alg = _target_name(solver)
+    steps = solver.get("num_steps", "")
+    try:
+        pol = getattr(get_class(policy._target_), "name", _target_name(policy))
+    except Exception:
+        pol = _target_name(policy)
+    preset = policy.get("preset")
+    return slug(f"{arch}-{alg}_{steps}-{pol}" + (f"-{preset}" if preset else ""))
+
+
+def register() -> None:
+    OmegaConf.register_new_resolver("dc.run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("dc.slug", slug, replace=True)
