@@ -19,19 +19,26 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000, freq_shift: int = 0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000, freq_shift: int = 0,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Sinusoidal embedding as in DiT/ADM: ``[cos(t f), sin(t f)]`` (cos first), ``f_k = P^(-k / (half - shift))``.
 
     ``freq_shift=1`` is diffusers' ``downscale_freq_shift`` as its DiT port uses it (a small deviation from
-    the official DiT, reproduced only for weights loaded from diffusers directories).
+    the official DiT, reproduced only for weights loaded from diffusers directories). ``dtype``: float32 as
+    upstream (for any model precision); callers pass :func:`sinusoid_dtype` so a float64 model stays float64.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
-    args = t[:, None].float() * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / (half - freq_shift))
+    args = t[:, None].to(dtype) * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def sinusoid_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """float32 (upstream) unless the model is wider: float64 for a float64 model, float32 for fp32/fp16/bf16."""
+    return torch.promote_types(torch.float32, model_dtype)
 
 
 def sincos_pos_embed_2d(dim: int, grid: int, base_size: int, scale: float = 1.0) -> torch.Tensor:
@@ -77,8 +84,10 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
-        freq = freq.to(self.mlp[0].weight.dtype)
+        wdtype = self.mlp[0].weight.dtype
+        freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift,
+                                  dtype=sinusoid_dtype(wdtype))
+        freq = freq.to(wdtype)
         return self.mlp(freq)
 
 

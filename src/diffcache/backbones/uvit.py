@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .base import CachedBackbone, make_variants
-from .layers import Attention, Mlp, PatchEmbed, timestep_embedding
+from .layers import Attention, Mlp, PatchEmbed, sinusoid_dtype, timestep_embedding
 
 
 class UViTBlock(nn.Module):
@@ -181,7 +181,8 @@ class UViT(CachedBackbone):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(B)
-        time_token = self.time_embed(timestep_embedding(t, self.embed_dim).to(x.dtype)).unsqueeze(1)
+        freq = timestep_embedding(t, self.embed_dim, dtype=sinusoid_dtype(x.dtype))
+        time_token = self.time_embed(freq.to(x.dtype)).unsqueeze(1)
         tokens = [time_token, x]
         if self.label_emb is not None:
             if y is None:

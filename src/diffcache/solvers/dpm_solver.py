@@ -1,4 +1,5 @@
-"""DPM-Solver-2 (singlestep) and DPM-Solver++ 2M (multistep) on the continuous VP view of a discrete schedule.
+"""DPM-Solver-2 (singlestep) and DPM-Solver++ 2M (multistep) on the continuous VP view of a discrete schedule, and
+the singlestep time grids (orders, step boundaries, inner points) that :mod:`.dpm_singlestep` shares.
 
 Both follow the official DPM-Solver code (``NoiseScheduleVP('discrete')``, ``get_time_steps``, the second-order
 updates with solver_type 'dpmsolver'); the exponential-integrator formulas are written in lambda = log(alpha/sigma)
@@ -18,6 +19,7 @@ from .schedules import DiscreteVP
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 TIME_INPUTS = ("discrete", "scaled")
 PREDICTIONS = ("x0", "eps")
+MIDPOINTS = ("lambda", "grid")
 
 
 def get_time_steps(ns: DiscreteVP, skip_type: str, t_T: float, t_0: float, N: int) -> np.ndarray:
@@ -32,6 +34,46 @@ def get_time_steps(ns: DiscreteVP, skip_type: str, t_T: float, t_0: float, N: in
     if skip_type == "time_quadratic":
         return np.linspace(t_T ** 0.5, t_0 ** 0.5, N + 1, dtype=np.float64) ** 2
     raise ValueError(f"unknown skip_type {skip_type!r}; choose one of {SKIP_TYPES}")
+
+
+def singlestep_orders(nfe: int, order: int) -> list[int]:
+    """Per-step orders that use exactly ``nfe`` evaluations (official ``get_orders_and_timesteps_for_singlestep_
+    solver``, "DPM-Solver-fast"): order 3 takes ``nfe // 3 + 1`` steps ending in [2, 1], [1] or [2] by ``nfe % 3``;
+    order 2 ends in one first-order step when ``nfe`` is odd."""
+    n = int(nfe)
+    if n < 1:
+        raise ValueError(f"the NFE must be >= 1, got {n}")
+    if order == 3:
+        k = n // 3 + 1
+        return [3] * (k - 2) + [2, 1] if n % 3 == 0 else [3] * (k - 1) + ([1] if n % 3 == 1 else [2])
+    if order == 2:
+        return [2] * (n // 2) + [1] * (n % 2)
+    if order == 1:
+        return [1] * n
+    raise ValueError(f"singlestep DPM-Solver order must be 1, 2 or 3, got {order}")
+
+
+def singlestep_outer_times(ns: DiscreteVP, skip_type: str, t_T: float, t_0: float, orders) -> np.ndarray:
+    """Step boundaries of official ``method='singlestep'``: for ``logSNR`` a uniform-lambda grid of len(orders)
+    steps ("to reproduce the paper"), otherwise the ``skip_type`` grid of NFE = sum(orders) points, keeping the
+    point where each step starts."""
+    if skip_type == "logSNR":
+        return get_time_steps(ns, skip_type, t_T, t_0, len(orders))
+    return get_time_steps(ns, skip_type, t_T, t_0, int(sum(orders)))[np.cumsum([0] + list(orders))]
+
+
+def inner_ratios(ns: DiscreteVP, rule: str, skip_type: str, s: float, t: float, order: int) -> list[float]:
+    """r_j = (lambda(s_j) - lambda_s) / h of the ``order - 1`` inner points of a step s -> t.
+
+    ``"lambda"``: r_j = j / order (U-ViT ``dpm_solver_pp.py`` / official defaults r1 = 1/2; 1/3, 2/3).
+    ``"grid"``: s_j from the ``skip_type`` grid between s and t (official ``method='singlestep'``).
+    """
+    if rule == "lambda":
+        return [j / order for j in range(1, order)]
+    if rule != "grid":
+        raise ValueError(f"unknown midpoint rule {rule!r}; choose one of {MIDPOINTS}")
+    lam = [ns.marginal_lambda(u) for u in get_time_steps(ns, skip_type, s, t, order)]
+    return [(lam[j] - lam[0]) / (lam[-1] - lam[0]) for j in range(1, order)]
 
 
 class _VPSolver(Solver):
@@ -77,35 +119,47 @@ class _VPSolver(Solver):
 
 
 class DPMSolver2(_VPSolver):
-    """DPM-Solver-2 singlestep (r1 = 1/2 in lambda), two evaluations per step: at t_i, then at the midpoint s_i.
+    """DPM-Solver-2 singlestep, two evaluations per step: at t_i, then at an inner point s_i.
 
-    ``prediction="x0"`` is the data-prediction form (DPM-Solver++(2S) with the 'dpmsolver' correction, U-ViT's
-    predict_x0=True); ``"eps"`` the original noise-prediction DPM-Solver-2. ``num_steps`` is the NFE.
-    State: after the first evaluation of a step ``state.x`` is the midpoint sample and ``extra`` holds the step-start
-    sample and model output the second-order update needs.
+    ``midpoint="lambda"`` (default): s_i is the lambda-midpoint (r1 = 1/2), as U-ViT's ``dpm_solver_pp.py``
+    (``method='singlestep'``, the sampler L2C's U-ViT runs). ``midpoint="grid"``: the official DPM-Solver
+    ``dpm_solver_pytorch.py`` ``method='singlestep'``, order 2: s_i comes from the ``skip_type`` grid (for
+    ``time_uniform`` the time midpoint, r1 = (lambda(s_i) - lambda(t_i)) / h), and the step boundaries are every
+    other point of the NFE grid. ``prediction="x0"`` is the data-prediction form (DPM-Solver++(2S) with the
+    'dpmsolver' correction, U-ViT's predict_x0=True); ``"eps"`` the original noise-prediction DPM-Solver-2.
+    ``num_steps`` is the NFE. State: after the first evaluation of a step ``state.x`` is the inner sample and
+    ``extra`` holds the step-start sample and model output the second-order update needs.
     """
 
     name = "dpm_solver2"
-    r1 = 0.5
 
     def __init__(self, num_steps: int, schedule: str = "linear", prediction: str = "x0",
                  skip_type: str = "time_uniform", t_end: float | None = 1e-3, time_input: str = "discrete",
-                 num_train_timesteps: int = 1000):
+                 num_train_timesteps: int = 1000, midpoint: str = "lambda"):
         nfe = int(num_steps)
         if nfe < 2 or nfe % 2:
             raise ValueError(f"DPM-Solver-2 singlestep needs an even NFE, got {nfe} (num_steps is the NFE: two "
                              f"model evaluations per solver step)")
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        if midpoint not in MIDPOINTS:
+            raise ValueError(f"unknown midpoint rule {midpoint!r}; choose one of {MIDPOINTS}")
         self._setup_schedule(schedule, time_input, num_train_timesteps)
         K = nfe // 2
         if K > self.num_train_timesteps:
             raise ValueError(f"{K} solver steps exceed the schedule's {self.num_train_timesteps} timesteps")
         self.nfe, self.num_steps, self.prediction, self.skip_type = nfe, K, prediction, skip_type
+        self.midpoint = midpoint
         self.t_end = 1e-3 if t_end is None else float(t_end)
-        self.times = get_time_steps(self.ns, skip_type, self.ns.T, self.t_end, K)  # t_0 = 1 > ... > t_K
+        if midpoint == "grid":
+            self.times = singlestep_outer_times(self.ns, skip_type, self.ns.T, self.t_end, [2] * K)
+        else:
+            self.times = get_time_steps(self.ns, skip_type, self.ns.T, self.t_end, K)  # t_0 = 1 > ... > t_K
+        self.r1s = np.array([inner_ratios(self.ns, midpoint, skip_type, self.times[i], self.times[i + 1], 2)[0]
+                             for i in range(K)])
         lam = np.array([self.ns.marginal_lambda(t) for t in self.times])
-        self.mid_times = np.array([self.ns.inverse_lambda(lam[i] + self.r1 * (lam[i + 1] - lam[i])) for i in range(K)])
+        self.mid_times = np.array([self.ns.inverse_lambda(lam[i] + self.r1s[i] * (lam[i + 1] - lam[i]))
+                                   for i in range(K)])
         ev = np.empty(2 * K)
         ev[0::2], ev[1::2] = self.times[:-1], self.mid_times
         self._set_eval_times(ev)
@@ -123,7 +177,7 @@ class DPMSolver2(_VPSolver):
         la_t, a_t, s_t, lam_t = self._coeffs(self.times[i])
         la_n, a_n, s_n, lam_n = self._coeffs(self.times[i + 1])
         h = lam_n - lam_t
-        r1 = self.r1
+        r1 = float(self.r1s[i])
         model = out.x0 if self.prediction == "x0" else out.eps
         if k % 2 == 0:  # step start -> midpoint (first-order update over r1*h)
             la_s, a_s, s_s = float(self._la[k + 1]), float(self._alpha[k + 1]), float(self._sigma[k + 1])
