@@ -1,8 +1,9 @@
 """Diffusion solvers behind one functional contract (:mod:`.base`).
 
 Configs build them with Hydra (``solver._target_``); :func:`make_solver` is the same for Python callers:
-``ddim`` / ``ddpm`` run DiT-respaced discrete chains; ``dpm_solver2`` (singlestep, ``num_steps`` = NFE)
-and ``dpm_solver_pp`` (2M multistep) run on the continuous VP view of the same discrete schedule.
+``ddim`` / ``ddpm`` run DiT-respaced discrete chains; ``dpm_solver2`` / ``dpm_solver3`` / ``dpm_solver_fast``
+(singlestep, ``num_steps`` = NFE) and ``dpm_solver_pp`` (2M multistep) run on the continuous VP view of
+the same discrete schedule.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import inspect
 from .base import ModelOutput, Solver, SolverState
 from .ddim import DDIM
 from .ddpm import DDPM
+from .dpm_singlestep import DPMSolver3, DPMSolverFast
 from .dpm_solver import DPMSolver2, DPMSolverPP2M
 
-CLASSES = {cls.name: cls for cls in (DDIM, DDPM, DPMSolver2, DPMSolverPP2M)}
+CLASSES = {cls.name: cls for cls in (DDIM, DDPM, DPMSolver2, DPMSolverPP2M, DPMSolver3, DPMSolverFast)}
 ALGORITHMS = tuple(CLASSES)
 
 
@@ -31,5 +33,5 @@ def make_solver(algorithm: str, num_steps: int, schedule: str = "linear", **kw) 
     return cls(int(num_steps), schedule=schedule, **kw)
 
 
-__all__ = ["ALGORITHMS", "CLASSES", "DDIM", "DDPM", "DPMSolver2", "DPMSolverPP2M", "ModelOutput", "Solver",
+__all__ = ["ALGORITHMS", "CLASSES", "DDIM", "DDPM", "DPMSolver2", "DPMSolver3", "DPMSolverFast", "DPMSolverPP2M", "ModelOutput", "Solver",
            "SolverState", "make_solver"]
