@@ -284,6 +284,28 @@ def test_inception_weights_from_hub_cache_and_clear_error_when_missing(inception
     assert inc.find_weights(inception_weights.parent) == inception_weights  # a folder holding the file
 
 
+def test_inception_quality_metrics_end_to_end_offline(inception_weights, no_network, tmp_path):
+    """The default path: local Inception + ADM .npz with arr_0 and mu/sigma; plain fid / is keys."""
+    c = 0.01
+    arr = to_uint8(images(5, 5, size=32)).permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "ref.npz", arr_0=arr, mu=np.zeros(2048), sigma=c * np.eye(2048))
+    qm = build_quality_metrics("inception", reference=tmp_path / "ref.npz", inception_weights=inception_weights,
+                               cache_dir=tmp_path / "cache", is_splits=1)
+    assert qm.precision_recall.real_features.shape == (5, 2048)  # as ADM: precision/recall on arr_0's features
+    fake = images(5, 6, size=32)
+    qm.update(fake)
+    out = qm.compute()
+    assert set(out) == {"fid", "is", "precision", "recall"}
+    # As ADM, FID uses the stored mu/sigma. With sigma_ref = c I, tr((S c I)^(1/2)) = sqrt(c) * sum of the
+    # singular values of the centred features / sqrt(n - 1): an independent closed form.
+    f = qm.extractor(to_uint8(fake))[0].double()
+    cen = (f - f.mean(0)) / math.sqrt(f.shape[0] - 1)
+    expected = (f.mean(0) @ f.mean(0) + (cen ** 2).sum() + c * 2048
+                - 2 * math.sqrt(c) * torch.linalg.svdvals(cen).sum())
+    assert out["fid"] == pytest.approx(float(expected), rel=1e-6)  # float64 on both sides, 2048-dim eigh
+    assert 1.0 <= out["is"] <= 1008.0
+
+
 # --- reference statistics ---------------------------------------------------------------------------------
 
 class Counting(nn.Module):
