@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,7 +118,8 @@ def test_quality_metrics_naming_and_checkpoint_hygiene():
     with pytest.raises(ValueError, match="num_features"):
         QualityMetrics(nn.Conv2d(3, 3, 1), None, name="x")
     qm = QualityMetrics(ext, reference_from_images(to_uint8(images(8, 0)), ext), name="tiny")
-    assert qm.state_dict() == {} and list(qm.parameters()) == []  # extractor weights never reach a checkpoint
+    # Extractor weights never reach a checkpoint, an optimiser or DDP's per-step buffer broadcast.
+    assert qm.state_dict() == {} and list(qm.parameters()) == [] and list(qm.buffers()) == []
     qm.train()
     assert not qm.extractor.training  # Lightning's .train() cannot switch the extractor out of eval
 
@@ -263,7 +265,8 @@ def test_inception_runs_offline_tf_exact_by_default_and_matches_torch_fidelity(i
     torch.testing.assert_close(feats, ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, ref[1], rtol=1e-5, atol=1e-5)
 
-    aa = inc.InceptionV3(inception_weights, antialias=True)  # the switch reaches torchmetrics' resize
+    aa = build_quality_metrics("inception", inception_weights=inception_weights, antialias=True).extractor
+    # The config switch reaches torchmetrics' resize, and the identity (hence the reference cache key).
     assert aa.net.use_antialias is True and aa.identity != tf.extractor.identity
     assert (aa(x)[0] - feats).abs().max() > 1e-3  # a different resize on 64 -> 299 changes the features
     # Grayscale images are repeated to RGB.
@@ -278,9 +281,15 @@ def test_inception_weights_from_hub_cache_and_clear_error_when_missing(inception
     assert str(tmp_path / "hub" / "checkpoints") in str(e.value)
     with pytest.raises(FileNotFoundError, match="Inception weights not found"):
         build_quality_metrics("inception", inception_weights=tmp_path / "nowhere.pth")
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "hub" / "checkpoints" / inc.WEIGHTS_NAME).symlink_to(inception_weights)
-    assert inc.find_weights() == inc.default_weights_path()
+    calls = []  # only an explicit download=True fetches, into the hub cache torch-fidelity would use
+
+    def fake_download(url, dst, *a, **k):
+        calls.append(url)
+        Path(dst).symlink_to(inception_weights)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    assert inc.find_weights(download=True) == inc.default_weights_path() and calls == [inc.WEIGHTS_URL]
+    assert inc.find_weights() == inc.default_weights_path() and len(calls) == 1  # now a plain cache hit
     assert inc.find_weights(inception_weights.parent) == inception_weights  # a folder holding the file
 
 

@@ -56,8 +56,9 @@ class FeaturesAndLogits(nn.Module):
         self.body, self.head, self.input = body, head, input
         self.requires_grad_(False)
         self.eval()
+        dev = next((t.device for t in [*self.parameters(), *self.buffers()]), torch.device("cpu"))
         with torch.no_grad():
-            out = self(torch.zeros(2, *input_shape, dtype=torch.uint8))
+            out = self(torch.zeros(2, *input_shape, dtype=torch.uint8, device=dev))
         self.num_features = int(out[0].shape[1])
         self.num_logits = int(out[1].shape[1]) if head is not None else None
 
@@ -97,8 +98,8 @@ class FrechetDistance(FrechetInceptionDistance):
             if reference.mu.shape != (num_features,):
                 raise ValueError(f"reference statistics {reference.source} have dimension {reference.mu.shape[0]}, "
                                  f"the extractor gives {num_features}: use the extractor they were computed with")
-            self.register_buffer("ref_mu", reference.mu.double(), persistent=False)
-            self.register_buffer("ref_sigma", reference.sigma.double(), persistent=False)
+            # Plain CPU attributes, not buffers: DDP would broadcast buffers on every forward.
+            self.ref_mu, self.ref_sigma = reference.mu.double().cpu(), reference.sigma.double().cpu()
 
     def compute(self) -> torch.Tensor:
         fake = stats_from_sums(self.fake_features_sum, self.fake_features_cov_sum, int(self.fake_features_num_samples))
@@ -114,9 +115,10 @@ class QualityMetrics(nn.Module):
     """FID / IS / precision-recall of generated images, and PSNR/MSE to the teacher on the same noise.
 
     ``update(images, teacher=None)`` with float images in [-1, 1] (or uint8); ``compute() -> dict[str,
-    float]`` (synced over DDP ranks, identical on every rank); ``reset()``. The extractor is frozen,
-    loaded from its own file and kept out of ``state_dict()``/``parameters()`` (so checkpoints and
-    optimisers never see it), but moves with ``.to(device)``.
+    float]`` (synced over DDP ranks, identical on every rank; every rank must have called ``update``, with
+    a teacher on all or none, or the collectives mismatch); ``reset()``. The extractor is frozen, loaded
+    from its own file and kept out of ``state_dict()``/``parameters()``/``buffers()`` (checkpoints,
+    optimisers and DDP's buffer broadcast never see it), but moves with ``.to(device)``.
     """
 
     def __init__(self, extractor: nn.Module, reference: ReferenceStats | None = None, name: str | None = None,
@@ -206,7 +208,8 @@ class QualityMetrics(nn.Module):
 def build_quality_metrics(extractor: str | nn.Module = "inception", reference: str | os.PathLike | None = None,
                           inception_weights: str | os.PathLike | None = None, antialias: bool = False,
                           download: bool = False, name: str | None = None, cache_dir: str | os.PathLike | None = None,
-                          channels: int = 3, device: str | torch.device = "cpu", **kwargs) -> QualityMetrics:
+                          channels: int = 3, reference_batch_size: int = 100, device: str | torch.device = "cpu",
+                          **kwargs) -> QualityMetrics:
     """Config entry point: ``extractor="inception"`` (local weights; ``antialias=False`` = TF-exact resize,
     ADM-comparable) or an ``nn.Module``; ``reference`` = ADM ``.npz`` or image folder (cached statistics)."""
     if isinstance(extractor, str):
@@ -216,6 +219,6 @@ def build_quality_metrics(extractor: str | nn.Module = "inception", reference: s
     extractor = extractor.to(device)
     ref = None
     if reference is not None:
-        ref = load_reference(reference, extractor, cache_dir=cache_dir, channels=channels,
-                             need_features=kwargs.get("precision_recall", True))
+        ref = load_reference(reference, extractor, cache_dir=cache_dir, batch_size=reference_batch_size,
+                             channels=channels, need_features=kwargs.get("precision_recall", True))
     return QualityMetrics(extractor, ref, name=name, **kwargs).to(device)

@@ -56,9 +56,13 @@ class ManifoldPrecisionRecall(Metric):
     def __init__(self, real_features: torch.Tensor, k: int = 3, block: int = 1000, **kwargs):
         super().__init__(**kwargs)
         self.k, self.block = int(k), int(block)
-        real = torch.as_tensor(real_features).float()
-        self.register_buffer("real_features", real, persistent=False)
-        self.register_buffer("real_radii", knn_radii(real, self.k, self.block), persistent=False)
+        # Plain CPU attribute, not a buffer (DDP would broadcast it every forward); the real radii are
+        # computed once, on the device of the first compute(), and kept there.
+        self.real_features = torch.as_tensor(real_features).detach().float().cpu()
+        if self.real_features.dim() != 2 or self.real_features.shape[0] <= self.k:
+            raise ValueError(f"precision/recall with k={k} needs (N > {k}, D) real features, got "
+                             f"{tuple(self.real_features.shape)}")
+        self._real: tuple[torch.Tensor, torch.Tensor] | None = None
         self.add_state("fake_features", [], dist_reduce_fx="cat")
 
     def update(self, features: torch.Tensor) -> None:
@@ -66,5 +70,8 @@ class ManifoldPrecisionRecall(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         fake = dim_zero_cat(self.fake_features)
-        pr = precision_recall(self.real_features, fake, self.k, self.real_radii, self.block)
+        if self._real is None or self._real[0].device != fake.device:
+            real = self.real_features.to(fake.device)
+            self._real = real, knn_radii(real, self.k, self.block)
+        pr = precision_recall(*self._real[:1], fake, self.k, self._real[1], self.block)
         return {k: torch.tensor(v) for k, v in pr.items()}
