@@ -22,7 +22,7 @@ def perturbed_ckpt(arch: str, path) -> str:
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    torch.save({"state_dict": m.state_dict()} if m.family == "pixart" else m.state_dict(), path)
+    torch.save({"state_dict": m.state_dict()} if m.text_conditioned else m.state_dict(), path)
     return str(path)
 
 
@@ -30,7 +30,7 @@ def test_evaluate_none_is_reference(tmp_path):
     cfg = compose_cfg("evaluate", ["backbone=tiny_dit", "solver=ddim20", "policy=none", *EVAL], tmp_path)
     res = evaluate(cfg)
     assert res["num_samples"] == 3 and "mse_vs_full" not in res
-    assert res["macs_ratio"] == pytest.approx(1.0)
+    assert res["macs_fraction"] == pytest.approx(1.0)
     assert (tmp_path / "samples.png").is_file()
     assert torch.load(tmp_path / "samples.pt").shape == (3, 4, 8, 8)
 
@@ -43,10 +43,10 @@ def test_evaluate_cached_policy_costs_less_and_differs(tmp_path, backbone, solve
     cfg = compose_cfg("evaluate", [f"backbone={backbone}", f"solver={solver}", f"policy={policy}", *extra, *EVAL],
                       tmp_path)
     res = evaluate(cfg)
-    assert 0 < res["macs_ratio"] < 1
+    assert 0 < res["macs_fraction"] < 1
     assert res["mse_vs_full"] > 0 and res["psnr_vs_full_db"] > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["macs_ratio"] == res["macs_ratio"]
+    assert summary["macs_fraction"] == res["macs_fraction"]
 
 
 def test_evaluate_batch_size_does_not_change_samples(tmp_path):
@@ -56,7 +56,11 @@ def test_evaluate_batch_size_does_not_change_samples(tmp_path):
     b = evaluate(compose_cfg("evaluate", [ck, "policy=fora", "eval.num_samples=3", "eval.batch_size=1",
                                           "eval.latency_repeats=0", "eval.progress=false"], tmp_path / "b"))
     xa, xb = torch.load(tmp_path / "a" / "samples.pt"), torch.load(tmp_path / "b" / "samples.pt")
-    assert xa.abs().max() > 0.1 and torch.allclose(xa, xb, atol=1e-5)
+    # float32 round-off of differently batched kernels, relative to the samples' scale (eps 1.2e-7 x 20 steps x
+    # ~4 accumulated layers ~ 1e-5); a wrong seed or label would differ by O(scale)
+    scale = xa.abs().max()
+    assert scale > 0.1
+    torch.testing.assert_close(xa, xb, rtol=0, atol=1e-5 * float(scale))
     assert a["mse_vs_full"] == pytest.approx(b["mse_vs_full"], rel=1e-3)
 
 
@@ -70,7 +74,7 @@ def test_evaluate_router_trained_by_train_py(tmp_path):
     router = tmp_path / "train" / "router.pt"
     res = evaluate(compose_cfg("evaluate", [ck, "policy=l2c", f"router_ckpt={router}", "policy.theta=0.5", *EVAL],
                                tmp_path / "eval"))
-    assert 0 < res["macs_ratio"] < 1 and res["mse_vs_full"] > 0
+    assert 0 < res["macs_fraction"] < 1 and res["mse_vs_full"] > 0
     with pytest.raises(ValueError, match="routers were made for 20 evaluations"):
         evaluate(compose_cfg("evaluate", [ck, "solver=ddim50", "policy=l2c", f"router_ckpt={router}", *EVAL],
                              tmp_path / "eval50"))
