@@ -27,8 +27,8 @@ def compose_cfg(name: str, overrides: list[str], out: Path):
     return cfg
 
 
-def run_cli(script: str, args: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "PROJECT_ROOT": str(cwd)}
+def run_cli(script: str, args: list[str], cwd: Path, timeout: int = 400, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "PROJECT_ROOT": str(cwd), **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
