@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
 import torch
-from hydra_utils import FAST, compose_cfg, run_cli
+from hydra_utils import FAST, ROOT, compose_cfg, run_cli
 
 from diffcache.tasks.train import train
 
@@ -62,17 +63,28 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a), "3 more steps must have changed some router"
 
 
-def test_ddp_two_cpu_processes(tmp_path):
-    res = run_cli("train.py", ["trainer=ddp_sim", "trainer.max_steps=2", "data.batch_size=2",
+def test_ddp_two_cpu_processes_keep_identical_routers(tmp_path):
+    """Real DDP (2 gloo processes): each rank trains its own drawn cache step, gradients are all-reduced, so
+    after training both ranks hold the same routers, and they moved away from the shared init."""
+    byo = ROOT / "tests" / "byo"
+    env = {"PYTHONPATH": os.pathsep.join([str(byo), os.environ.get("PYTHONPATH", "")])}
+    res = run_cli("train.py", ["trainer=ddp_sim", "trainer.max_steps=3", "data.batch_size=2",
                                "callbacks.model_checkpoint.every_n_train_steps=1", f"hydra.run.dir={tmp_path / 'run'}",
-                               *FAST], tmp_path)
+                               "+callbacks.dump._target_=rank_dump.DumpPolicyPerRank",
+                               f"+callbacks.dump.out_dir={tmp_path / 'ranks'}", *FAST], tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["global_step"] == 2
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert list(run.glob("router.*"))
-    assert "world_size=2" in res.stdout + res.stderr or "GLOBAL_RANK: 1" in res.stdout + res.stderr
+    assert summary["global_step"] == 3
+    assert (run / "checkpoints" / "last.ckpt").is_file() and list(run.glob("router.*"))
+    r0, r1 = torch.load(tmp_path / "ranks" / "rank0.pt"), torch.load(tmp_path / "ranks" / "rank1.pt")
+    assert r0.keys() == r1.keys() and len(r0) == 20
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    g = torch.Generator().manual_seed(0)  # policy.init_seed = seed = 0: N(0,1), one router after the other
+    init = [torch.randn(4, generator=g) for _ in range(20)]
+    # DDIM-20 reads only the even routers: the odd ones keep their init exactly, some even one was trained
+    assert all(torch.equal(r0[f"routers.{i}"], init[i]) for i in range(1, 20, 2))
+    assert any(not torch.equal(r0[f"routers.{i}"], init[i]) for i in range(0, 20, 2))
 
 
 def test_multirun_sweep_summary(tmp_path):
