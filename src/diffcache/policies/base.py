@@ -97,22 +97,21 @@ class CachePolicy(nn.Module):
 
     # ------------------------------------------------------------------ scoped behaviour
     @contextlib.contextmanager
-    def disabled(self) -> Iterator["CachePolicy"]:
-        """A pure pass-through that neither reads nor writes the cache (the teacher pass)."""
-        prev, self._enabled = self._enabled, False
+    def _scoped(self, attr: str, value) -> Iterator["CachePolicy"]:
+        prev = getattr(self, attr)
+        setattr(self, attr, value)
         try:
             yield self
         finally:
-            self._enabled = prev
+            setattr(self, attr, prev)
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator["CachePolicy"]:
+    def disabled(self):
+        """A pure pass-through that neither reads nor writes the cache (the teacher pass)."""
+        return self._scoped("_enabled", False)
+
+    def recording(self):
         """Compute every branch and store its output as the cache (router training's no-grad prefix)."""
-        prev, self._recording = self._recording, True
-        try:
-            yield self
-        finally:
-            self._recording = prev
+        return self._scoped("_recording", True)
 
     @contextlib.contextmanager
     def inference(self) -> Iterator["CachePolicy"]:

@@ -37,6 +37,7 @@ from torch import nn
 from ...backbones.base import SiteLayout
 from ..base import CachePolicy, StepContext
 from . import checkpoint as ckpt
+from . import report
 from .budget import budget_masks, site_costs
 from .schedule import L2CSchedule, make_schedule
 
@@ -341,38 +342,11 @@ class L2CPolicy(CachePolicy):
 
     def cache_stats(self, theta: float | None = None, solver: Any = None) -> dict[str, Any]:
         """Cached sites over the schedule's cache evaluations: total, per kind, per cache evaluation."""
-        sched = self.schedule_for(solver)
-        masks = self.inference_masks(theta)
-        per_eval = {}
-        per_kind = {k: 0 for k in self.site_kinds}
-        K = len(self.site_kinds)
-        for e in sched.cache_evals():
-            m = masks[sched.router[e]]
-            per_eval[e] = sum(1 for x in m if not x)
-            for j, x in enumerate(m):
-                if not x:
-                    per_kind[self.site_kinds[j % K]] += 1
-        return {"cached": sum(per_eval.values()), "cacheable": len(per_eval) * self.num_sites, "per_kind": per_kind,
-                "per_eval": per_eval}
+        return report.cache_stats(self, theta, solver)
 
     def summary(self, layout=None, solver=None) -> dict[str, float]:
-        """Flat floats for loggers: cached / cacheable at the current theta (or budget), per kind, MACs kept."""
-        sched = self.schedule_for(solver)
-        st = self.cache_stats()
-        masks = self.inference_masks()
-        costs = site_costs(self.site_kinds, self.num_sites // len(self.site_kinds), self.site_cost)
-        kept = sum(float(costs[torch.tensor(masks[sched.router[e]])].sum()) for e in sched.cache_evals())
-        total = float(costs.sum()) * len(sched.cache_evals())
-        used = sorted(set(sched.used_routers()))
-        out = {"cached": float(st["cached"]), "cacheable": float(st["cacheable"]),
-               "cached_fraction": st["cached"] / max(st["cacheable"], 1),
-               "cache_step_macs_kept": kept / total if total else 1.0,
-               "mean_beta": float(self.betas()[used].mean()) if used else 0.0}
-        theta = self.effective_theta()
-        if theta is not None:
-            out["theta_effective"] = float(theta)
-        out.update({f"cached_{k}": float(v) for k, v in st["per_kind"].items()})
-        return out
+        """Flat floats for loggers: cached / cacheable at theta (or budget), per kind, MACs kept, theta used."""
+        return report.summary(self, solver)
 
     # ------------------------------------------------------------------ official checkpoints
     @classmethod
