@@ -83,11 +83,13 @@ class RouterData(L.LightningDataModule):
 
     name = "data"
 
-    def __init__(self, batch_size: int = 4, num_workers: int = 0, shuffle: bool = True, seed: int = 0):
+    def __init__(self, batch_size: int = 4, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
+                 val_samples: int = 0, val_batch_size: int | None = None):
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.num_workers, self.shuffle, self.seed = int(batch_size), int(num_workers), shuffle, seed
+        self.val_samples, self.val_batch_size = int(val_samples), int(val_batch_size or batch_size)
         self.dataset: Dataset | None = None
 
     def build(self, backbone) -> Dataset:
@@ -106,6 +108,10 @@ class RouterData(L.LightningDataModule):
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True,
                           num_workers=self.num_workers, generator=g, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self):
+        """Indices 0 .. val_samples-1 of the fixed validation set (noise and labels seeded per index)."""
+        return DataLoader(IndexDataset(self.val_samples), batch_size=self.val_batch_size, shuffle=False)
 
 
 class NoiseData(RouterData):

@@ -30,15 +30,18 @@ import torch
 
 from ..denoiser import Denoiser
 from ..sampling import advance
+from .validation import QualityValidation
 
 NONFINITE = ("error", "skip")
 
 
-class RouterDistill(L.LightningModule):
+class RouterDistill(QualityValidation, L.LightningModule):
+    """See the module docstring. ``quality`` (optional): validation metrics, see :mod:`.validation`."""
+
     def __init__(self, backbone, solver, policy, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  lam: float = 1e-6, loss_reduction: str = "mean", label_drop: float = 0.1,
                  per_sample_steps: bool = False, heatmap_every: int = 50, seed: int = 0,
-                 nonfinite: str = "error"):
+                 nonfinite: str = "error", quality=None, val_guidance: float | None = None, val_seed: int = 12345):
         super().__init__()
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"module.loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -63,6 +66,7 @@ class RouterDistill(L.LightningModule):
         self.per_sample_steps, self.heatmap_every = per_sample_steps, heatmap_every
         self.seed, self.nonfinite = seed, nonfinite
         self.skipped_steps = 0
+        self._set_quality(quality, val_guidance, val_seed)
 
     # ------------------------------------------------------------------ lightning plumbing
     def on_fit_start(self) -> None:

@@ -25,8 +25,12 @@ def train(cfg: DictConfig) -> dict:
     if not hasattr(policy, "sum_beta"):
         raise ValueError(f"router training needs policy=l2c; policy={policy.name} has nothing to train "
                          f"(measure it with evaluate.py policy={policy.name})")
-    datamodule = instantiate(cfg.data).bind(backbone)
-    module = instantiate(cfg.module)(backbone, solver, policy)
+    metrics = cfg.get("metrics")
+    quality = instantiate(metrics.quality) if metrics else None
+    val = {"val_samples": metrics.val_samples, "val_batch_size": metrics.val_batch_size} if metrics else {}
+    datamodule = instantiate(cfg.data, **val).bind(backbone)
+    module = instantiate(cfg.module)(backbone, solver, policy, quality=quality,
+                                     val_guidance=metrics.guidance if metrics else None)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")) or False,
                                      callbacks=build_callbacks(cfg.get("callbacks")))
     log.info("training %s router: %s", policy.name, cfg.run_name)
