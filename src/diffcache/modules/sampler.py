@@ -1,0 +1,113 @@
+"""Sampling at scale: a fixed sample set split into shards, shards spread over ranks by Lightning.
+
+Sample ``i`` always uses noise and conditioning seeded by ``i`` (:func:`~diffcache.data.seeded.seeded_inputs`)
+and shard ``s`` always holds samples ``s * shard_size .. (s+1) * shard_size - 1`` computed as ONE batch, so
+the set (bit for bit) does not depend on the number of ranks or nodes. Each shard is written atomically
+as soon as it is done; a rerun skips the shards already on disk, so a killed evaluation resumes and ends
+with the same set. :func:`gather` reads them back in index order.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.seeded import seeded_inputs
+from ..sampling import sample
+
+
+def shard_path(root: Path, shard: int) -> Path:
+    return Path(root) / f"shard_{shard:06d}.pt"
+
+
+class _Shards(Dataset):
+    def __init__(self, shards: list[int]):
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int) -> int:
+        return self.shards[i]
+
+
+class ShardedSampler(L.LightningModule):
+    """``trainer.predict(ShardedSampler(...))`` writes ``out_dir/shard_*.pt`` ({"index", "samples", "cond"}).
+
+    ``policy`` None samples the uncached model. ``decode`` (optional) maps samples to images in [-1, 1]
+    (a VAE); images are stored as uint8 next to the raw samples when the output has 1 or 3 channels.
+    """
+
+    def __init__(self, backbone, solver, policy, out_dir, num_samples: int, shard_size: int = 16, seed: int = 0,
+                 guidance: float | None = None, decode=None, progress: bool = False):
+        super().__init__()
+        if int(num_samples) < 1 or int(shard_size) < 1:
+            raise ValueError(f"eval.num_samples and eval.batch_size must be >= 1, got {num_samples}, {shard_size}")
+        object.__setattr__(self, "backbone", backbone)  # outside the module tree, as in router training
+        self.policy = policy
+        self.solver, self.out_dir = solver, Path(out_dir)
+        self.num_samples, self.shard_size, self.seed = int(num_samples), int(shard_size), int(seed)
+        self.guidance, self.decode, self.progress = guidance, decode, progress
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def missing(self) -> list[int]:
+        return [s for s in range(self.num_shards) if not shard_path(self.out_dir, s).is_file()]
+
+    def predict_dataloader(self):
+        return DataLoader(_Shards(self.missing() or [0]), batch_size=1, shuffle=False, collate_fn=lambda b: b[0])
+
+    def on_predict_start(self) -> None:
+        self.backbone.to(self.device)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    @torch.no_grad()
+    def predict_step(self, shard: int, batch_idx: int = 0):
+        path = shard_path(self.out_dir, shard)
+        if path.is_file():  # done by an earlier run (or by another rank's padded duplicate)
+            return None
+        idx = list(range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_samples)))
+        noise, cond = seeded_inputs(self.backbone, idx, self.seed, self.device)
+        g = torch.Generator().manual_seed(self.seed * 104729 + shard)  # per-step noise of stochastic solvers
+        x = sample(self.backbone, self.solver, self.policy, noise, cond, self.guidance, generator=g,
+                   progress=self.progress).float().cpu()
+        blob = {"index": torch.tensor(idx), "samples": x, "cond": _cpu(cond)}
+        images = self.decode(x.to(self.device)).cpu() if self.decode is not None else x
+        if images.shape[1] in (1, 3):
+            blob["images"] = (127.5 * images.clamp(-1, 1) + 128.0).clamp(0, 255).to(torch.uint8)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written shard
+        return None
+
+
+def _cpu(cond):
+    return {k: v.cpu() for k, v in cond.items()} if isinstance(cond, dict) else cond.cpu()
+
+
+def gather(out_dir, num_samples: int | None = None) -> dict[str, torch.Tensor]:
+    """All shards of ``out_dir`` in index order: {"index", "samples", ("images"), "cond" (class labels)}."""
+    files = sorted(Path(out_dir).glob("shard_*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no sample shards in {out_dir}")
+    parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    out = {k: torch.cat([p[k] for p in parts]) for k in ("index", "samples") + (("images",) if "images" in parts[0] else ())}
+    if not isinstance(parts[0]["cond"], dict):
+        out["cond"] = torch.cat([p["cond"] for p in parts])
+    order = torch.argsort(out["index"])
+    out = {k: v[order] for k, v in out.items()}
+    if num_samples is not None and len(out["index"]) != num_samples:
+        raise ValueError(f"{out_dir} holds {len(out['index'])} samples, expected {num_samples}: the run is "
+                         f"incomplete; rerun the same command to finish it")
+    return out
+
+
+def set_hash(samples: torch.Tensor) -> str:
+    """sha256 of a sample set's bytes (equal sets, equal hashes)."""
+    return hashlib.sha256(samples.contiguous().numpy().tobytes()).hexdigest()
