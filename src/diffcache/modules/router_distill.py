@@ -30,6 +30,7 @@ import torch
 
 from ..denoiser import Denoiser
 from ..sampling import advance
+from .objectives import OBJECTIVES, budget_shift, iepo_weights
 from .validation import QualityValidation
 
 NONFINITE = ("error", "skip")
@@ -41,8 +42,15 @@ class RouterDistill(QualityValidation, L.LightningModule):
     def __init__(self, backbone, solver, policy, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  lam: float = 1e-6, loss_reduction: str = "mean", label_drop: float = 0.1,
                  per_sample_steps: bool = False, heatmap_every: int = 50, seed: int = 0,
-                 nonfinite: str = "error", quality=None, val_guidance: float | None = None, val_seed: int = 12345):
+                 nonfinite: str = "error", quality=None, val_guidance: float | None = None, val_seed: int = 12345,
+                 objective: str = "l2c", iepo_every: int = 500, iepo_samples: int = 8, iepo_normalize: bool = False,
+                 budget_range: tuple[float, float] = (0.2, 1.0), budget_temperature: float = 1.0):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"module.objective must be one of {OBJECTIVES}, got {objective!r}")
+        lo, hi = (float(v) for v in budget_range)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"module.budget_range must satisfy 0 <= lo <= hi <= 1, got {budget_range}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"module.loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if nonfinite not in NONFINITE:
@@ -67,6 +75,9 @@ class RouterDistill(QualityValidation, L.LightningModule):
         self.seed, self.nonfinite = seed, nonfinite
         self.skipped_steps = 0
         self._set_quality(quality, val_guidance, val_seed)
+        self.objective, self.iepo_every, self.iepo_samples = objective, int(iepo_every), int(iepo_samples)
+        self.iepo_normalize, self.budget_range, self.budget_temperature = iepo_normalize, (lo, hi), budget_temperature
+        self.iepo: dict[int, float] | None = None
 
     # ------------------------------------------------------------------ lightning plumbing
     def on_fit_start(self) -> None:
@@ -128,15 +139,17 @@ class RouterDistill(QualityValidation, L.LightningModule):
             m = self.cache_evals[int(torch.randint(len(self.cache_evals), (1,), generator=g))]
             groups = [(m, None)]
         mse_total, l1_total = 0.0, 0.0
-        with self.policy.bound(self.backbone, self.solver):
+        weights, shift = self._objective_terms(g)
+        with self.policy.bound(self.backbone, self.solver), self.policy.soft_threshold(shift, self.budget_temperature):
             for m, idx in groups:
                 xs = None if x0 is None else (x0 if idx is None else x0[idx])
                 cs = cond if idx is None else _index_cond(cond, idx.to(self.device))
                 n = B if idx is None else len(idx)
                 mse, l1 = self._distill_at(m, xs, cs, n, g)
-                mse_total = mse_total + mse * (n / B)
+                mse_total = mse_total + weights.get(m, 1.0) * mse * (n / B)
                 l1_total = l1_total + l1 * (n / B)
-        loss = mse_total + self.lam * l1_total
+        lam = 0.0 if self.objective == "budget" else self.lam  # a drawn budget, not the L1 term, sets the compute
+        loss = mse_total + lam * l1_total
         if not torch.isfinite(loss.detach()):
             if self.nonfinite == "error":
                 raise FloatingPointError(
@@ -149,6 +162,23 @@ class RouterDistill(QualityValidation, L.LightningModule):
         self.log_dict({"train/loss": loss, "train/mse": mse_total, "train/sum_beta": l1_total,
                        "train/cache_eval": float(groups[0][0])}, prog_bar=True, batch_size=B)
         return loss
+
+    def _objective_terms(self, g: torch.Generator) -> tuple[dict[int, float], float]:
+        """(loss weight per cache evaluation, soft-routing logit shift) of this iteration's objective."""
+        if self.objective == "iepo":
+            if self.iepo is None or self.global_step % self.iepo_every == 0:
+                self.iepo = iepo_weights(self.backbone, self.solver, self.policy, self.iepo_samples, seed=self.seed)
+                if self.iepo_normalize:
+                    mean = sum(self.iepo.values()) / max(len(self.iepo), 1)
+                    self.iepo = {m: w / mean if mean > 0 else 1.0 for m, w in self.iepo.items()}
+                self.log_dict({f"iepo/lambda_{m}": w for m, w in self.iepo.items()}, batch_size=1)
+            return self.iepo, 0.0
+        if self.objective == "budget":
+            lo, hi = self.budget_range
+            b = lo + (hi - lo) * float(torch.rand((), generator=g))
+            self.log("train/budget", b, batch_size=1)
+            return {}, budget_shift(self.policy, b)
+        return {}, 0.0
 
     def _distill_at(self, m: int, x0, cond, B: int, g: torch.Generator):
         solver, policy, den = self.solver, self.policy, self.denoiser

@@ -272,3 +272,38 @@ def export_policy(policy, path: str | os.PathLike, fmt: str | None = None, *,
     if archive_name is None and off is not None:
         archive_name = off.archive_name
     return save_official(path, logits, fmt, opt=opt, args=args, archive_name=archive_name)
+
+
+def policy_from_official(cls, path, *, weights_only: bool = True, **kwargs: Any):
+    """``cls(**kwargs)`` holding the routers of an official DiT ``.pt`` / U-ViT ``.pth`` file (bit-exact)."""
+    off = load_official(path, weights_only=weights_only)
+    kwargs.setdefault("router_format", off.fmt)
+    kwargs.pop("num_routers", None)
+    policy = cls(**kwargs)
+    K = len(policy.site_kinds)
+    if off.num_sites % K:
+        raise RouterCheckpointError(f"{path}: router length {off.num_sites} is not a multiple of "
+                                    f"{K} site kinds {policy.site_kinds}")
+    if policy.layout is not None and policy.layout.num_sites != off.num_sites:
+        raise RouterCheckpointError(f"{path}: router length {off.num_sites} != depth {policy.layout.depth} x {K}")
+    policy._build(off.num_routers, off.num_sites, init=off.logits)
+    policy.imported = off
+    if policy.schedule is not None:
+        policy._check_schedule(policy.schedule)
+    return policy
+
+
+def load_into(policy, path, *, weights_only: bool = True) -> None:
+    """Copy an official file's logits into ``policy``'s routers (count and length must match)."""
+    off = load_official(path, weights_only=weights_only)
+    if len(policy.routers) and (off.num_routers, off.num_sites) != (policy.num_routers, policy.num_sites):
+        raise RouterCheckpointError(
+            f"{path}: {off.num_routers} routers of length {off.num_sites}, but this policy has "
+            f"{policy.num_routers} of length {policy.num_sites}")
+    if not len(policy.routers):
+        policy._build(off.num_routers, off.num_sites, init=off.logits)
+    else:
+        with torch.no_grad():
+            for p, t in zip(policy.routers, off.logits):
+                p.copy_(t)
+    policy.imported = off

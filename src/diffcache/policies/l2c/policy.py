@@ -105,6 +105,8 @@ class L2CPolicy(CachePolicy):
         self._active: int | None = None
         self._store: list[bool] | None = None  # hard full evaluation: which sites a later cache step reuses
         self._run_masks: dict[int, list[bool]] | None = None  # hard masks of the current run
+        self._only: frozenset[int] | None = None  # caching_only(): cache evaluations allowed to cache
+        self._soft = (0.0, 1.0)  # soft_threshold(): beta = sigmoid((logit - shift) / temperature)
         self.imported: ckpt.OfficialRouters | None = None  # opt / args / archive of an imported file
         if num_routers is None and self.schedule is not None:
             num_routers = self.schedule.num_routers
@@ -205,6 +207,8 @@ class L2CPolicy(CachePolicy):
         if not 0 <= ctx.nfe < sched.num_evals:
             raise IndexError(f"nfe {ctx.nfe} outside the schedule's {sched.num_evals} evaluations")
         self._active = sched.router[ctx.nfe]
+        if self._only is not None and ctx.nfe not in self._only:
+            self._active = None  # caching switched off here: a full evaluation
         if self._active is not None and self._active >= self.num_routers:
             raise IndexError(f"router {self._active} needed but only {self.num_routers} exist")
         self._store = None
@@ -215,6 +219,15 @@ class L2CPolicy(CachePolicy):
             for e in sched.consumers(ctx.nfe):
                 store = [a or not b for a, b in zip(store, masks[sched.router[e]])]
             self._store = store
+
+    def caching_only(self, evals):
+        """Inside the block only the cache evaluations in ``evals`` cache; the others compute everything
+        (HarmoniCa's image-error proxy switches caching on one step at a time)."""
+        return self._scoped("_only", frozenset(int(e) for e in evals))
+
+    def soft_threshold(self, shift: float, temperature: float = 1.0):
+        """Soft routing with ``beta = sigmoid((logit - shift) / temperature)`` inside the block (budget training)."""
+        return self._scoped("_soft", (float(shift), float(temperature)))
 
     def _hard(self) -> bool:
         return not self.training and not self._recording
@@ -240,7 +253,8 @@ class L2CPolicy(CachePolicy):
                 return module(h, *args)
             return self._cached(key, h)
         cached = self._cached(key, h)  # train: soft mix of pre-gate outputs
-        beta = torch.sigmoid(self.routers[r][j])
+        shift, temp = self._soft
+        beta = torch.sigmoid((self.routers[r][j] - shift) / temp)
         return beta * module(h, *args) + (1 - beta) * cached
 
     def _cached(self, key, h: torch.Tensor) -> torch.Tensor:
@@ -352,37 +366,11 @@ class L2CPolicy(CachePolicy):
     @classmethod
     def from_official(cls, path, *, weights_only: bool = True, **kwargs: Any) -> "L2CPolicy":
         """A policy holding the routers of an official DiT ``.pt`` / U-ViT ``.pth`` file (bit-exact)."""
-        off = ckpt.load_official(path, weights_only=weights_only)
-        kwargs.setdefault("router_format", off.fmt)
-        kwargs.pop("num_routers", None)
-        policy = cls(**kwargs)
-        K = len(policy.site_kinds)
-        if off.num_sites % K:
-            raise ckpt.RouterCheckpointError(f"{path}: router length {off.num_sites} is not a multiple of "
-                                             f"{K} site kinds {policy.site_kinds}")
-        if policy.layout is not None and policy.layout.num_sites != off.num_sites:
-            raise ckpt.RouterCheckpointError(f"{path}: router length {off.num_sites} != depth {policy.layout.depth} "
-                                             f"x {K}")
-        policy._build(off.num_routers, off.num_sites, init=off.logits)
-        policy.imported = off
-        if policy.schedule is not None:
-            policy._check_schedule(policy.schedule)
-        return policy
+        return ckpt.policy_from_official(cls, path, weights_only=weights_only, **kwargs)
 
     def load_official(self, path, *, weights_only: bool = True) -> "L2CPolicy":
         """Copy an official file's logits into the existing routers (count and length must match)."""
-        off = ckpt.load_official(path, weights_only=weights_only)
-        if len(self.routers) and (off.num_routers, off.num_sites) != (self.num_routers, self.num_sites):
-            raise ckpt.RouterCheckpointError(
-                f"{path}: {off.num_routers} routers of length {off.num_sites}, but this policy has "
-                f"{self.num_routers} of length {self.num_sites}")
-        if not len(self.routers):
-            self._build(off.num_routers, off.num_sites, init=off.logits)
-        else:
-            with torch.no_grad():
-                for p, t in zip(self.routers, off.logits):
-                    p.copy_(t)
-        self.imported = off
+        ckpt.load_into(self, path, weights_only=weights_only)
         self._run_masks = None
         return self
 
