@@ -47,3 +47,24 @@ def test_caching_nothing_has_infinite_psnr_to_the_teacher(tmp_path):
     cfg = compose_cfg("train", [*PIXEL, "policy.theta=0.0", "trainer.max_steps=2", "callbacks=none"], tmp_path)
     metrics = train(cfg)
     assert metrics["val/mse"] == 0.0 and metrics["val/psnr"] >= 100.0 and metrics["val/cached_fraction"] == 0.0
+
+
+def test_compare_table_puts_the_router_next_to_the_cheap_alternatives(tmp_path, capsys):
+    cfg = compose_cfg("train", [*PIXEL, "trainer.max_steps=2", "callbacks=none", "compare=default", "policy.theta=0.9",
+                                "compare.num_samples=4", "compare.batch_size=2", "compare.latency_repeats=1"], tmp_path)
+    train(cfg)
+    rows = json.loads((tmp_path / "comparison.json").read_text())
+    names = [r["method"] for r in rows]
+    assert names[0] == "full ddim-20" and names[1].startswith("L2C theta=") and "FORA N=2" in names
+    assert any(n.startswith("ToCa") for n in names)
+    full, l2c = rows[0], rows[1]
+    assert full["psnr"] >= 100 and full["macs_fraction"] == 1.0  # the full sampler against itself
+    few = [r for r in rows if r["method"].startswith("fewer steps")]
+    assert l2c["macs_fraction"] < 0.9  # theta 0.9 on N(0, 1) logits: most cache-step branches reused
+    # equal compute: the fewest DDIM steps whose MACs reach L2C's
+    assert few and few[0]["steps"] < 20 and few[0]["gmacs"] >= l2c["gmacs"]
+    assert (few[0]["steps"] - 1) * full["gmacs"] / 20 < l2c["gmacs"]
+    for r in rows:
+        assert {"tiny_fid", "tiny_is", "psnr", "gmacs", "latency_s"} <= set(r)
+    assert (tmp_path / "comparison.md").read_text().count("\n") == len(rows) + 2
+    assert "comparison.md" in capsys.readouterr().out

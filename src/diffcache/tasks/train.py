@@ -44,6 +44,12 @@ def train(cfg: DictConfig) -> dict:
                    "loss_reduction": module.loss_reduction, "clamp": policy.clamp, **metrics}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("router saved to %s", router_path)
+        if cfg.get("compare"):
+            from .compare import compare, write_table
+
+            rows = compare(cfg, backbone.to(module.device), solver, router_path, out)
+            print(f"\n{write_table(rows, out / 'comparison')}\nsaved: {out / 'comparison.md'} (.csv, .json), router "
+                  f"{router_path}, heatmaps {out / 'router_heatmaps'}, validation grids {out / 'val_samples'}")
     return metrics
 
 
