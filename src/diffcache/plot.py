@@ -3,8 +3,8 @@
 Reads what ``router_ckpt=`` reads (a DiT ``.pt``, a U-ViT ``.pth``, released ones included, or a
 ``last.ckpt`` of train.py) and draws the routers the schedule reads (cache steps, in sampling order) as
 ``sigmoid(logit)`` above the binary compute mask at ``theta``, columns labelled by site
-(``layer.attn`` ...). Sites: the router length with the ``attn, mlp`` kinds of every released file
-(``--kinds attn,xattn,mlp`` for PixArt). Rows: the cache evaluations of the schedule the file records
+(``layer.attn`` ...). Site kinds: the file's record, else the ``attn, mlp`` of every released file
+(``--kinds`` overrides). Rows: the cache evaluations of the schedule the file records
 (``--schedule`` where it records none), else every router.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def draw(path: str | Path, out: str | Path | None = None, theta: float | None = 
 
     off = load_official(path)
     record = off.record or {}
-    kinds = tuple(kinds or ("attn", "mlp"))
+    kinds = tuple(kinds or record.get("site_kinds") or ("attn", "mlp"))
     if off.num_sites % len(kinds):
         raise ValueError(f"{path}: router length {off.num_sites} is not a multiple of {len(kinds)} kinds {kinds}; "
                          f"pass --kinds")

@@ -21,7 +21,7 @@ def router_heatmap(betas: torch.Tensor, row_labels: list[str], path: str | Path,
     panels = [("beta = sigmoid(logit)", b, "viridis")]
     if theta is not None:
         panels.append((f"computed at theta={theta:.3g} (white) / reused (black)", (b > theta).astype(float), "gray"))
-    width = max(4.0, b.shape[1] * 0.16 + 1.5)
+    width = max(6.5, b.shape[1] * 0.16 + 1.5)
     fig, axes = plt.subplots(len(panels), 1, figsize=(width, len(panels) * max(2.2, b.shape[0] * 0.22 + 1.2)),
                              dpi=110, squeeze=False)
     for ax, (name, data, cmap) in zip(axes[:, 0], panels):
@@ -34,7 +34,7 @@ def router_heatmap(betas: torch.Tensor, row_labels: list[str], path: str | Path,
         else:
             ax.set_xlabel("site", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.suptitle(title or "router: 1 compute, 0 reuse", fontsize=9)
+    fig.suptitle(title or "router: 1 compute, 0 reuse", fontsize=8, wrap=True)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def run_record(backbone, solver=None, policy=None) -> dict[str, Any]:
     """The facts a router depends on, for the run that is about to use (or has just trained) it."""
     rec: dict[str, Any] = {"family": getattr(backbone, "family", None) or None,
                            "arch": getattr(backbone, "arch", None), "backbone_class": type(backbone).__name__,
-                           "depth": int(backbone.layout.depth)}
+                           "depth": int(backbone.layout.depth), "site_kinds": list(backbone.layout.site_kinds)}
     if solver is not None:
         rec.update({"solver": type(solver).__name__, "solver_name": getattr(solver, "name", None),
                     "num_steps": int(solver.num_steps), "num_evals": int(solver.num_evals)})
