@@ -141,3 +141,32 @@ def test_benchmark_rows_use_evaluate_names(tmp_path):
             "speedup_latency"} <= set(row)
     assert 0 < row["flops_fraction"] < 1 < row["speedup_flops"]  # fraction = cached / full, speedup = full / cached
     assert row["speedup_flops"] == pytest.approx(1 / row["flops_fraction"], rel=2e-3)  # both rounded to 3 places
+
+
+def test_user_errors_catch_input_errors_only(capsys, tmp_path, monkeypatch):
+    from hydra.errors import InstantiationException
+
+    from diffcache.utils.cli import user_errors
+
+    monkeypatch.delenv("DIFFCACHE_DEBUG", raising=False)
+
+    def wrapped(cause):
+        try:
+            raise cause
+        except Exception as e:
+            try:
+                raise InstantiationException("Error in call to target") from e
+            except InstantiationException as outer:
+                return outer
+
+    for err in (ValueError("policy.theta is bad"), FloatingPointError("loss is nan"),
+                FileNotFoundError("no such file"), wrapped(ValueError("policy.lam is bad")),
+                wrapped(TypeError("__init__() got an unexpected keyword argument 'foo'"))):
+        with pytest.raises(SystemExit) as ex, user_errors():
+            raise err
+        assert ex.value.code == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+        assert len(lines) == 1
+    for bug in (TypeError("unsupported operand"), KeyError("x"), wrapped(TypeError("unsupported operand"))):
+        with pytest.raises(type(bug)), user_errors():  # a programming bug keeps its traceback
+            raise bug
