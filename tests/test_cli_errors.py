@@ -49,7 +49,7 @@ def files(tmp_path_factory):
             "last3": str(d / "run3" / "checkpoints" / "last.ckpt")}
 
 
-def test_train_input_mistakes_are_one_line(tmp_path, files):
+def test_train_input_mistakes_are_one_line_and_wandb_defaults_to_offline(tmp_path, files):
     f = files
     cases = {
         "policy=toca": (["policy=toca", *TINY], ["router training needs policy=l2c"]),
@@ -71,11 +71,18 @@ def test_train_input_mistakes_are_one_line(tmp_path, files):
         cases["read-only log dir"] = ([f"paths.log_dir={RO}", *TINY], ["paths.log_dir=", "not writable"])
         cases["read-only ckpt dir"] = ([f"callbacks.model_checkpoint.dirpath={RO}", "trainer.max_steps=2",
                                         "data.batch_size=2", *FAST], ["callbacks.model_checkpoint.dirpath="])
-    results = run_many("train.py", [argv for argv, _ in cases.values()], tmp_path)
+    # last (it sets WANDB_MODE for the process): W&B with no key, no netrc and no WANDB_MODE logs offline
+    wandb_case = ["logger=wandb", "trainer=cpu", *TINY, f"hydra.run.dir={tmp_path / 'wandb_run'}"]
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none"),
+           "WANDB_SILENT": "true"}
+    results = run_many("train.py", [argv for argv, _ in cases.values()] + [wandb_case], tmp_path, env=env)
     for (name, (_, needles)), r in zip(cases.items(), results):
         one_error_line(r, *needles)
+    wb = results[-1]
+    assert wb["code"] == 0 and "logging offline" in wb["out"], wb["out"][-3000:]
+    assert list((tmp_path / "wandb_run").rglob("offline-run-*")), "no offline W&B run written"
     # a failure inside the task marks its run folder; a config-time refusal creates none
-    runs = list((tmp_path / "logs" / "train" / "runs").glob("*/*"))
+    runs = list((tmp_path / "logs" / "train" / "runs").glob("*/*"))  # the W&B run has its own folder
     assert runs and all((r / "FAILED").is_file() and not (r / "summary.json").exists() for r in runs)
     assert not list((tmp_path / "logs").rglob("router.p*")), "a failed run wrote a router"
 
@@ -114,12 +121,3 @@ def test_evaluate_input_mistakes_are_one_line(tmp_path, files):
     assert from_ckpt["code"] == 0, from_ckpt["out"][-2000:]  # a Lightning last.ckpt is a router file too
     assert json.loads((tmp_path / "allowed" / "summary.json").read_text())["router"] == f["router3"]
     assert json.loads((tmp_path / "from_ckpt" / "summary.json").read_text())["router"] == f["last3"]
-
-
-def test_wandb_without_key_logs_offline_and_says_so(tmp_path):
-    env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none"),
-           "WANDB_SILENT": "true"}
-    (r,) = run_many("train.py", [["logger=wandb", "trainer=cpu", *TINY]], tmp_path, env=env)
-    assert r["code"] == 0, r["out"][-3000:]
-    assert "logging offline" in r["out"]
-    assert list((tmp_path / "logs").rglob("offline-run-*")), "no offline W&B run written"

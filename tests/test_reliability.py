@@ -69,7 +69,7 @@ def test_sweeps_with_a_path_override_keep_one_folder_per_run_and_fill_the_table(
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     (esweep,) = (tmp_path / "logs" / "evaluate" / "multiruns").glob("*/*")
     et = pd.read_csv(esweep / "summary.csv")
-    assert len(et) == 2
+    assert len(et) == 2 and all((esweep / r / "summary.json").is_file() for r in et["run"])  # flat, router path too
     for col in ("cached_fraction", "macs_fraction", "speedup_macs", "mse_vs_full", "latency_cached_s",
                 "latency_full_s", "speedup_latency"):
         assert et[col].notna().all(), col

@@ -42,7 +42,10 @@ def mark_failed(output_dir, message: str) -> None:
 def _output_dir() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    try:
+        return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - no run folder known (a composed config in a test, an early failure)
+        return None
 
 
 @contextlib.contextmanager
