@@ -80,13 +80,16 @@ def file_record(fmt: str, args=None, path: str | Path | None = None, lightning: 
 
 
 def differences(record: dict, run: dict) -> list[str]:
-    """``["solver: router DDIM, run DPMSolverPP2M (set solver=)", ...]`` for keys both sides know."""
+    """``["solver: router DDIM, run DPMSolverPP2M (change solver)", ...]`` for keys both sides know."""
+    keys = [k for k in SETTING if k in record and k in run]
+    if "solver" in keys and "solver_name" in keys:  # the same fact twice: name it once
+        keys.remove("solver_name")
     out = []
-    for key, setting in SETTING.items():
-        if key in record and key in run and str(record[key]) != str(run[key]):
-            out.append(f"{key}: router {record[key]}, run {run[key]} (set {setting}{record[key]})"
-                       if setting.endswith(".num_steps=") or setting.endswith("cache_interval=")
-                       else f"{key}: router {record[key]}, run {run[key]} (change {setting.rstrip('=')})")
+    for key in keys:
+        if str(record[key]) != str(run[key]):
+            setting = SETTING[key]
+            hint = f"set {setting}{record[key]}" if key in ("num_steps", "cache_interval") else f"change {setting[:-1]}"
+            out.append(f"{key}: router {record[key]}, run {run[key]} ({hint})")
     return out
 
 
