@@ -38,20 +38,26 @@ def _cli(script, args, cwd, timeout=400):
 
 
 def test_sweeps_with_a_path_override_keep_one_folder_per_run_and_fill_the_table(tmp_path):
-    """The README's lambda sweep on a real checkpoint path, then an evaluate sweep over theta."""
+    """The README's lambda sweep on a real checkpoint path (plus a bad value: that job fails alone, the table
+    lists it, the sweep exits 2), then an evaluate sweep over theta."""
     ckdir = tmp_path / "ckpts" / "DiT tiny"
     ckdir.mkdir(parents=True)
     teacher = perturbed_ckpt("tiny_dit", ckdir / "model.pt")
-    res = _cli("train.py", ["-m", "policy.lam=1e-6,1e-5", f"backbone.ckpt={teacher}", "trainer.max_steps=2",
+    res = _cli("train.py", ["-m", "policy.lam=1e-6,-1,1e-5", f"backbone.ckpt={teacher}", "trainer.max_steps=2",
                             "data.batch_size=2", "callbacks=none"], tmp_path)
     out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-3000:]
+    assert res.returncode == 2 and "Traceback" not in out, out[-3000:]
+    errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2 and "policy.lam" in errors[0] and "1 of 3 sweep runs failed" in errors[1]
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").glob("*/*")
-    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert len(runs) == 2 and all((r / "summary.json").is_file() and (r / "router.pt").is_file() for r in runs)
+    runs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_")[0]))
+    assert [(r / "summary.json").is_file() for r in runs] == [True, False, True]
+    assert (runs[1] / "FAILED").is_file() and not list(runs[1].glob("router.*"))
     assert all(r.name.startswith(f"{i}_") and not set(r.name) & set("/=, ") for i, r in enumerate(runs))
     table = pd.read_csv(sweep / "summary.csv")
-    assert sorted(table["lam"]) == [1e-6, 1e-5] and list(table["status"]) == ["ok", "ok"]
+    assert list(table["status"])[::2] == ["ok", "ok"] and table["status"][1].startswith("failed: ValueError: policy.lam")
+    table = table.iloc[[0, 2]]
+    assert sorted(table["lam"]) == [1e-6, 1e-5]
     for col in ("cached_fraction", "macs_fraction", "speedup_macs", "train/loss"):
         assert table[col].notna().all(), col
     assert ((table["macs_fraction"] > 0) & (table["macs_fraction"] <= 1)).all()

@@ -4,7 +4,9 @@ Only errors that describe the *input* are caught: ``ValueError`` (bad settings, 
 ``FileNotFoundError``, ``PermissionError`` (a directory that cannot be written), ``FloatingPointError``
 (a diverged run), and a Hydra ``InstantiationException`` whose cause is one of those or a config key the
 class does not take. ``TypeError`` / ``KeyError`` elsewhere are programming bugs and keep their traceback.
-A run that fails leaves its output folder marked: ``FAILED`` holds the error line.
+A run that fails leaves its output folder marked: ``FAILED`` holds the error line. In a sweep (``-m``) an
+input error ends only its own job, so the other jobs still run; the sweep table lists the failure and
+the sweep exits with status 2 (:class:`~diffcache.utils.sweep.SweepSummary`).
 """
 from __future__ import annotations
 
@@ -39,6 +41,16 @@ def mark_failed(output_dir, message: str) -> None:
         pass
 
 
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _output_dir() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -63,6 +75,9 @@ def user_errors():
             raise
         logging.getLogger("diffcache").debug("user error", exc_info=True)
         msg = str(err).replace("\n", " ")
+        if _in_sweep():  # this job is over; the sweep goes on and reports it at the end
+            print(f"error: {msg}", file=sys.stderr)
+            return
         print(f"error: {msg}\n(set DIFFCACHE_DEBUG=1 for the full traceback)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,8 @@ class SweepSummary(Callback):
         rows = summarize(config.hydra.sweep.dir)
         if rows:
             log.info("sweep summary (%d runs):\n%s", len(rows), (Path(config.hydra.sweep.dir) / "summary.md").read_text())
+        failed = [r for r in rows if str(r["status"]).startswith("failed")]
+        if failed:
+            print(f"error: {len(failed)} of {len(rows)} sweep runs failed ({', '.join(r['run'] for r in failed)}); "
+                  f"see {Path(config.hydra.sweep.dir) / 'summary.md'}", file=sys.stderr)
+            sys.exit(2)
