@@ -4,7 +4,8 @@
     python benchmarks/run.py train  [--arch DiT-XL/2 --batch 8 64 --device cuda --bf16]
 
 ``speed``: full sampler vs ToCa / FORA / L2C-like caching on the same random-weight backbone; prints
-latency speedup next to the analytic FLOP ratio and their quotient ("ours vs ideal").
+latency speedup next to the analytic FLOP speedup and their quotient ("ours vs ideal"); keys as in
+evaluate.py (``speedup_*`` = full / cached, ``*_fraction`` = cached / full).
 ``train``: router-distillation iterations per second, samples/s, peak memory and MFU (model FLOPs
 utilisation: the analytic FLOPs of 3 forwards + 1 input-gradient backward per iteration over the
 device peak given by ``--peak-tflops``).
@@ -52,10 +53,13 @@ def speed(args) -> list[dict]:
             lat = measure(lambda: run(pol), repeats=args.repeats, warmup=1, device=dev)
             cost = policy_cost(model, solver, pol, guidance=args.guidance)
             speedup = full["mean_s"] / lat["mean_s"]
+            # the same names and meanings as evaluate.py: *_fraction = cached / full, speedup_* = full / cached
             row = {"arch": args.arch, "device": str(dev), "batch": bs, "steps": args.steps, "policy": name,
-                   "latency_full_s": round(full["mean_s"], 4), "latency_s": round(lat["mean_s"], 4),
-                   "speedup": round(speedup, 3), "flops_ratio": round(1 / cost["flops_ratio"], 3),
-                   "speedup_over_flops_ratio": round(speedup * cost["flops_ratio"], 3)}
+                   "latency_full_s": round(full["mean_s"], 4), "latency_cached_s": round(lat["mean_s"], 4),
+                   "speedup_latency": round(speedup, 3), "flops_fraction": round(cost["flops_ratio"], 3),
+                   "speedup_flops": round(cost["speedup_flops"], 3), "macs_fraction": round(cost["macs_ratio"], 3),
+                   "speedup_macs": round(cost["speedup_macs"], 3),
+                   "speedup_latency_over_flops": round(speedup / cost["speedup_flops"], 3)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

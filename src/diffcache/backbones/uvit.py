@@ -78,8 +78,13 @@ class UViT(CachedBackbone):
         num_classes: int = 1001,
         conv: bool = True,
         skip: bool = True,
+        input_size: int | None = None,
+        in_channels: int | None = None,
     ):
         super().__init__()
+        # the names every family shares (backbone.overrides={input_size: 8}) win over upstream's img_size / in_chans
+        img_size = img_size if input_size is None else int(input_size)
+        in_chans = in_chans if in_channels is None else int(in_channels)
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         if depth < 2:

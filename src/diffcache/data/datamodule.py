@@ -67,6 +67,12 @@ class LatentFile(Dataset):
             if "labels" not in blob:
                 raise ValueError(f"{path}: class-conditional backbone needs 'labels' in the latent file")
             self.cond = blob["labels"].long()
+            n = int(backbone.null_class)  # real classes are 0 .. null_class - 1
+            if len(self.cond) != len(self.latents):
+                raise ValueError(f"{path}: {len(self.latents)} latents but {len(self.cond)} labels")
+            if len(self.cond) and (int(self.cond.min()) < 0 or int(self.cond.max()) >= n):
+                raise ValueError(f"{path}: labels span {int(self.cond.min())}..{int(self.cond.max())}, but the backbone "
+                                 f"has classes 0..{n - 1}: the latent file was made for another dataset or backbone")
 
     def __len__(self) -> int:
         return len(self.latents)

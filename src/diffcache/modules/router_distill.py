@@ -97,6 +97,15 @@ class RouterDistill(QualityValidation, L.LightningModule):
                                    "backbone": type(self.backbone).__name__, "depth": layout.depth,
                                    "site_kinds": list(layout.site_kinds), "cache_evals": self.cache_evals}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming: refuse a checkpoint made with another solver, interval or backbone (provenance)."""
+        from ..policies.l2c import provenance
+
+        meta = checkpoint.get("diffcache")
+        provenance.check(provenance.file_record("lightning", lightning=meta) if meta else None,
+                         provenance.run_record(self.backbone, self.solver, self.policy), "ckpt_path",
+                         getattr(self.policy, "allow_mismatch", False))
+
     def _assert_frozen(self) -> None:
         assert not self.backbone.training, "teacher backbone must stay in eval mode"
         assert not any(p.requires_grad for p in self.backbone.parameters()), "teacher backbone must stay frozen"

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..backbones.base import cat_cond
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
 from ..sampling import sample
 from ..utils.build import build_backbone, build_loggers, build_policy, build_solver
+from ..utils.console import setup_console
+from .eval_io import Conditioning, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _batches(cfg, backbone, device):
+def _batches(cfg, backbone, device, conditioning: Conditioning):
     """(noise, cond, generator) seeded per sample index: results never depend on the batch size; the
     generator feeds stochastic solvers (DDPM) so cached and full runs share their per-step noise."""
     n, bs = int(cfg.eval.num_samples), int(cfg.eval.batch_size)
@@ -46,7 +47,7 @@ def _batches(cfg, backbone, device):
         idx = range(start, min(start + bs, n))
         gens = [torch.Generator().manual_seed(cfg.seed * 7919 + i) for i in idx]
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        cond = cat_cond([backbone.random_cond(1, g) for g in gens])
+        cond = conditioning.batch(idx, gens)
         cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
         yield noise, cond, torch.Generator().manual_seed(cfg.seed * 104729 + start)
 
@@ -60,6 +61,7 @@ def _sha256(path) -> str:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    setup_console()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(str(cfg.eval.device))
@@ -72,14 +74,15 @@ def evaluate(cfg: DictConfig) -> dict:
                          "router); without it the routers would be random N(0,1) logits")
     guidance = float(cfg.eval.guidance)
     progress = bool(cfg.eval.progress)
+    conditioning = Conditioning(backbone, cfg.eval.get("labels"), cfg.eval.get("prompts"))
 
     def run(pol):
         return torch.cat([sample(backbone, solver, pol, noise, cond, guidance=guidance, progress=progress,
-                                 generator=g).cpu() for noise, cond, g in _batches(cfg, backbone, device)])
+                                 generator=g).cpu() for noise, cond, g in _batches(cfg, backbone, device, conditioning)])
 
     cached = run(policy)
     result: dict = {"run_name": cfg.run_name, "num_samples": int(cached.shape[0]), "guidance": guidance,
-                    "num_evals": solver.num_evals, "seed": int(cfg.seed)}
+                    "num_evals": solver.num_evals, "seed": int(cfg.seed), "overrides": _task_overrides()}
     if router:
         result.update({"router": str(router), "router_sha256": _sha256(router)})
     cost = policy_cost(backbone, solver, policy, guidance=guidance)
@@ -87,15 +90,17 @@ def evaluate(cfg: DictConfig) -> dict:
     result.update({"macs_fraction": cost["macs_ratio"], "speedup_macs": cost["speedup_macs"],
                    "flops_fraction": cost["flops_ratio"], "speedup_flops": cost["speedup_flops"]})
     result.update({k: v for k, v in policy.summary(backbone.layout, solver).items()})
+    full = None
     if cfg.eval.compare_to_full and policy.name != "none":
         full = run(None)
         mse = (cached - full).pow(2).mean().item()
         peak = full.abs().max().item()
         result.update({"mse_vs_full": mse, "psnr_vs_full_db": 10 * math.log10(peak ** 2 / max(mse, 1e-30))})
     if int(cfg.eval.latency_repeats) > 0:
-        result.update(_latency(cfg, backbone, solver, policy, guidance, device))
+        result.update(_latency(cfg, backbone, solver, policy, guidance, device, conditioning))
     if cfg.eval.save_grid:
-        result["grid"] = str(save_grid(cached, out / "samples.png"))
+        result["grid"] = str(save_grid(cached, out / "samples.png", full=full, vae=cfg.backbone.get("vae"),
+                                       scale=float(cfg.backbone.get("vae_scale") or 0.18215)))
     torch.save(cached, out / "samples.pt")
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     for lg in build_loggers(cfg.get("logger")):
@@ -105,9 +110,9 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-def _latency(cfg, backbone, solver, policy, guidance: float, device) -> dict:
+def _latency(cfg, backbone, solver, policy, guidance: float, device, conditioning) -> dict:
     """Cached and uncached latency on the same first batch, same run: medians and their ratio."""
-    noise, cond, _ = next(_batches(cfg, backbone, device))
+    noise, cond, _ = next(_batches(cfg, backbone, device, conditioning))
     reps = int(cfg.eval.latency_repeats)
     res = {}
     for key, pol in (("cached", policy), ("full", None)):
@@ -120,12 +125,7 @@ def _latency(cfg, backbone, solver, policy, guidance: float, device) -> dict:
     return res
 
 
-def save_grid(latents: torch.Tensor, path: Path, nrow: int = 8) -> Path:
-    """Latents shown as images (first 3 channels, per-image min-max): a quick look without a VAE."""
-    from torchvision.utils import save_image
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
 
-    x = latents[:, :3].float()
-    lo = x.flatten(1).min(1).values.view(-1, 1, 1, 1)
-    hi = x.flatten(1).max(1).values.view(-1, 1, 1, 1)
-    save_image((x - lo) / (hi - lo + 1e-8), path, nrow=nrow)
-    return path
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

@@ -11,7 +11,8 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-BACKBONE_RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "l2c")
+BACKBONE_RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "l2c", "vae",
+                     "vae_scale")
 
 
 def _plain(cfg) -> dict[str, Any]:

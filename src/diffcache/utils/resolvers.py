@@ -2,7 +2,9 @@
 
 ``${dc.run_name:${backbone},${solver},${policy}}`` names a run after what actually runs (the arch, or a
 user class; the solver class and step count; the policy), so ``backbone.arch=DiT-L/2`` never yields a
-run called ``dit-...``. ``${dc.slug:...}`` makes any override string safe as one folder name.
+run called ``dit-...``. ``${dc.slug:...}`` makes any override string safe as one folder name, and as a
+value on a later command line (``router_ckpt=<sweep>/<run>/router.pt``): Hydra's override grammar takes
+no ``=`` or ``,`` unquoted, so ``key=value,key=value`` becomes ``key-value_key-value``.
 """
 from __future__ import annotations
 
@@ -10,14 +12,14 @@ import re
 
 from omegaconf import OmegaConf
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
 def slug(text, max_len: int = 80) -> str:
     """One safe path component: runs of other characters become ``_``; long names keep a hash suffix."""
     import hashlib
 
-    s = _UNSAFE.sub("_", str(text)).strip("._") or "run"
+    s = _UNSAFE.sub("_", str(text).replace("=", "-").replace(",", "_")).strip("._") or "run"
     if len(s) > max_len:
         s = s[: max_len - 9] + "_" + hashlib.sha1(s.encode()).hexdigest()[:8]
     return s

@@ -12,6 +12,10 @@ U-ViT (``U-ViT/ckpt/dpm{20,50}_router.pth``)
     A plain ``OrderedDict{"i.prob": f32[2*depth]}`` (the ``routers`` state dict on its own), one router
     per NFE.
 
+Lightning checkpoints of router training (``checkpoints/last.ckpt``) are read too: their ``state_dict``
+holds only ``policy.routers.{i}``. What run a router was made for (solver, steps, interval, backbone)
+is recorded and checked as :mod:`.provenance` describes; logits that are not finite are refused.
+
 In both, ``prob`` holds raw *logits* (the name is upstream's); entry ``2*l`` is the attention branch and
 ``2*l+1`` the MLP branch of layer ``l``. The state-dict ``_metadata`` of the upstream ``ModuleList`` of
 ``Router`` modules (each with an ``activation`` child) is reproduced on export so ``load_state_dict`` on
@@ -69,6 +73,7 @@ class OfficialRouters:
     args: argparse.Namespace | None = None
     archive_name: str | None = None
     extra: dict = field(default_factory=dict)
+    record: dict | None = None  # the run it was made for (:mod:`.provenance`); None = unknown
 
     @property
     def num_routers(self) -> int:
@@ -143,12 +148,39 @@ def _archive_name(path: Path) -> str | None:
 
 
 def load_official(path: str | os.PathLike, *, weights_only: bool = True) -> OfficialRouters:
-    """Read a DiT ``.pt`` or U-ViT ``.pth`` router file (format detected from its content)."""
-    path = Path(path)
+    """Read a DiT ``.pt``, U-ViT ``.pth`` or Lightning ``.ckpt`` router file (format from its content);
+    non-finite logits are refused."""
+    off = _load(Path(path), weights_only)
+    off.extra["path"] = str(path)
+    check_finite(off.logits, str(path))
+    return off
+
+
+def check_finite(logits: Sequence[torch.Tensor], where: str) -> None:
+    """Refuse NaN / inf logits: a diverged run must never write or load such a router."""
+    bad = [i for i, t in enumerate(logits) if not torch.isfinite(t.detach()).all()]
+    if bad:
+        raise RouterCheckpointError(f"{where}: router logits {bad[:8]} are not finite (NaN/inf): the run diverged; "
+                                    f"retrain with a smaller policy.lam / module.optimizer.lr")
+
+
+def _load(path: Path, weights_only: bool) -> OfficialRouters:
+    from . import provenance
+
     if not path.is_file():
         raise FileNotFoundError(f"router checkpoint not found: {path}")
     obj = _torch_load(path, weights_only)
     arch = _archive_name(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) and "pytorch-lightning_version" in obj:
+        sd = obj["state_dict"]
+        routers = {k[len("policy.routers."):] + ".prob": v for k, v in sd.items() if k.startswith("policy.routers.")}
+        if not routers or len(routers) != len(sd):
+            raise RouterCheckpointError(f"{path}: a Lightning checkpoint, but its state_dict is not an L2C router "
+                                        f"training's (policy.routers.N only); found {list(sd)[:4]}")
+        meta = obj.get("diffcache") if isinstance(obj.get("diffcache"), Mapping) else None
+        return OfficialRouters(router_state_to_logits(routers, f"{path}['state_dict']"), "lightning",
+                               record=provenance.file_record("lightning", lightning=meta) if meta else None,
+                               extra={"global_step": obj.get("global_step")})
     if isinstance(obj, Mapping) and "routers" in obj:
         unknown = sorted(set(obj) - {"routers", "opt", "args"})
         if unknown:
@@ -160,9 +192,11 @@ def load_official(path: str | os.PathLike, *, weights_only: bool = True) -> Offi
         opt = obj.get("opt")
         if opt is not None and (not isinstance(opt, Mapping) or not {"state", "param_groups"} <= set(opt)):
             raise RouterCheckpointError(f"{path}: 'opt' is not an optimizer state_dict (needs 'state', 'param_groups')")
-        return OfficialRouters(logits, "dit", opt=opt, args=obj.get("args"), archive_name=arch)
+        return OfficialRouters(logits, "dit", opt=opt, args=obj.get("args"), archive_name=arch,
+                               record=provenance.file_record("dit", args=obj.get("args")))
     if isinstance(obj, Mapping) and obj and all(_KEY.match(str(k)) for k in obj):
-        return OfficialRouters(router_state_to_logits(obj, str(path)), "uvit", archive_name=arch)
+        return OfficialRouters(router_state_to_logits(obj, str(path)), "uvit", archive_name=arch,
+                               record=provenance.file_record("uvit", path=path))
     keys = list(obj)[:6] if isinstance(obj, Mapping) else None
     raise RouterCheckpointError(
         f"{path}: not an L2C router checkpoint. Expected a DiT router file {{'routers', 'opt', 'args'}} or a "
@@ -218,23 +252,33 @@ def _save(obj: Any, path: Path, archive_name: str | None) -> None:
 
 
 def save_official(path: str | os.PathLike, logits: Sequence[torch.Tensor], fmt: str, *, opt: dict | None = None,
-                  args: argparse.Namespace | Mapping | None = None, archive_name: str | None = None) -> Path:
+                  args: argparse.Namespace | Mapping | None = None, archive_name: str | None = None,
+                  record: dict | None = None) -> Path:
     """Write ``logits`` in the official ``fmt`` (``"dit"`` or ``"uvit"``); returns the path written.
 
     DiT: ``{"routers", "opt", "args"}``; ``opt`` defaults to an empty-but-valid AdamW state and ``args`` to a
-    ``Namespace(num_sampling_steps=N, ste_threshold=None)``. U-ViT: the bare router state dict.
+    ``Namespace(num_sampling_steps=N, ste_threshold=None)``. U-ViT: the bare router state dict. ``record``
+    (:func:`.provenance.run_record`) goes into ``args.diffcache`` (DiT) or a ``.meta.json`` sidecar (U-ViT).
     """
+    from . import provenance
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown router format {fmt!r}; choose one of {FORMATS}")
     path = Path(path)
+    check_finite(logits, str(path))
     routers = router_state(logits)
     if fmt == "uvit":
         _save(routers, path, archive_name)
+        if record is not None:
+            provenance.write_sidecar(path, record)
         return path
     if args is None:
         args = argparse.Namespace(num_sampling_steps=len(logits), ste_threshold=None)
     elif isinstance(args, Mapping):
         args = argparse.Namespace(**dict(args))
+    if record is not None:
+        args = copy.copy(args)
+        args.diffcache = dict(record)
     _save({"routers": routers, "opt": opt if opt is not None else empty_opt_state(len(logits)), "args": args},
           path, archive_name)
     return path
@@ -242,7 +286,7 @@ def save_official(path: str | os.PathLike, logits: Sequence[torch.Tensor], fmt: 
 
 def export_policy(policy, path: str | os.PathLike, fmt: str | None = None, *,
                   optimizer: torch.optim.Optimizer | None = None, args: argparse.Namespace | Mapping | None = None,
-                  archive_name: str | None = None) -> Path:
+                  archive_name: str | None = None, record: dict | None = None) -> Path:
     """Write an :class:`~diffcache.policies.l2c.L2CPolicy`'s routers in the official format.
 
     ``fmt`` "dit" | "uvit" (default: the imported file's, else the backbone's ``router_format``). DiT
@@ -271,19 +315,22 @@ def export_policy(policy, path: str | os.PathLike, fmt: str | None = None, *,
             source="diffcache")
     if archive_name is None and off is not None:
         archive_name = off.archive_name
-    return save_official(path, logits, fmt, opt=opt, args=args, archive_name=archive_name)
+    if record is None:
+        record = getattr(policy, "run_record", None)
+    return save_official(path, logits, fmt, opt=opt, args=args, archive_name=archive_name, record=record)
 
 
-def policy_from_official(cls, path, *, weights_only: bool = True, **kwargs: Any):
-    """``cls(**kwargs)`` holding the routers of an official DiT ``.pt`` / U-ViT ``.pth`` file (bit-exact)."""
+def policy_from_file(cls, path, *, weights_only: bool = True, **kwargs: Any):
+    """``cls(**kwargs)`` holding the routers of ``path`` (:meth:`L2CPolicy.from_official`)."""
     off = load_official(path, weights_only=weights_only)
-    kwargs.setdefault("router_format", off.fmt)
+    if off.fmt in FORMATS:
+        kwargs.setdefault("router_format", off.fmt)
     kwargs.pop("num_routers", None)
     policy = cls(**kwargs)
     K = len(policy.site_kinds)
     if off.num_sites % K:
-        raise RouterCheckpointError(f"{path}: router length {off.num_sites} is not a multiple of "
-                                    f"{K} site kinds {policy.site_kinds}")
+        raise RouterCheckpointError(f"{path}: router length {off.num_sites} is not a multiple of {K} site kinds "
+                                    f"{policy.site_kinds}")
     if policy.layout is not None and policy.layout.num_sites != off.num_sites:
         raise RouterCheckpointError(f"{path}: router length {off.num_sites} != depth {policy.layout.depth} x {K}")
     policy._build(off.num_routers, off.num_sites, init=off.logits)
@@ -293,13 +340,12 @@ def policy_from_official(cls, path, *, weights_only: bool = True, **kwargs: Any)
     return policy
 
 
-def load_into(policy, path, *, weights_only: bool = True) -> None:
-    """Copy an official file's logits into ``policy``'s routers (count and length must match)."""
+def load_into(policy, path, *, weights_only: bool = True) -> OfficialRouters:
+    """Copy the logits of ``path`` into ``policy``'s routers (created if it has none yet)."""
     off = load_official(path, weights_only=weights_only)
     if len(policy.routers) and (off.num_routers, off.num_sites) != (policy.num_routers, policy.num_sites):
-        raise RouterCheckpointError(
-            f"{path}: {off.num_routers} routers of length {off.num_sites}, but this policy has "
-            f"{policy.num_routers} of length {policy.num_sites}")
+        raise RouterCheckpointError(f"{path}: {off.num_routers} routers of length {off.num_sites}, but this policy "
+                                    f"has {policy.num_routers} of length {policy.num_sites}")
     if not len(policy.routers):
         policy._build(off.num_routers, off.num_sites, init=off.logits)
     else:
@@ -307,3 +353,4 @@ def load_into(policy, path, *, weights_only: bool = True) -> None:
             for p, t in zip(policy.routers, off.logits):
                 p.copy_(t)
     policy.imported = off
+    return off

@@ -37,7 +37,7 @@ from torch import nn
 from ...backbones.base import SiteLayout
 from ..base import CachePolicy, StepContext
 from . import checkpoint as ckpt
-from . import report
+from . import provenance, report
 from .budget import budget_masks, site_costs
 from .schedule import L2CSchedule, make_schedule
 
@@ -64,6 +64,8 @@ class L2CPolicy(CachePolicy):
     layout + solver (or depth / site_kinds / num_routers / schedule): create the routers now, so an
     optimiser can be built before the first run; otherwise :meth:`prepare` creates them on first binding.
     router_format: official file layout on export ("dit" | "uvit"; default: the backbone's).
+    allow_mismatch: run an imported router on a solver / interval / backbone other than the one it records
+    (:mod:`.provenance`), with a warning instead of an error.
     """
 
     name = "l2c"
@@ -74,7 +76,7 @@ class L2CPolicy(CachePolicy):
                  init_seed: int | None = None, lam: float | None = None, router_format: str | None = None,
                  layout: SiteLayout | None = None, solver: Any = None, schedule: Any = None,
                  num_routers: int | None = None, depth: int | None = None,
-                 site_kinds: Sequence[str] | None = None) -> None:
+                 site_kinds: Sequence[str] | None = None, allow_mismatch: bool = False) -> None:
         super().__init__()
         if budget_mode not in ("global", "per_step"):
             raise ValueError(f"budget_mode must be 'global' or 'per_step', got {budget_mode!r}")
@@ -94,9 +96,10 @@ class L2CPolicy(CachePolicy):
         self.budget = None if budget is None else float(budget)
         self.budget_mode, self.budget_unit = budget_mode, budget_unit
         self.site_cost = dict(site_cost or {})
-        self.lam = lam
-        self.init_seed = init_seed
-        self.router_format = router_format
+        self.lam, self.init_seed, self.router_format = lam, init_seed, router_format
+        self.allow_mismatch = bool(allow_mismatch)
+        self.run_record: dict | None = None  # the run this policy is set up for (recorded on export)
+        self._checked: tuple | None = None
         if layout is None and depth is not None:
             layout = SiteLayout(depth=int(depth), site_kinds=tuple(site_kinds or ("attn", "mlp")))
         self.layout: SiteLayout | None = layout
@@ -166,6 +169,12 @@ class L2CPolicy(CachePolicy):
         if self.router_format is None:
             self.router_format = backbone.router_format
         self.prepare(backbone.layout, solver)
+        self.run_record = provenance.run_record(backbone, solver, self)
+        key = tuple(sorted(self.run_record.items()))
+        if self.imported is not None and self._checked != key:  # a router from a file: made for this run?
+            provenance.check(self.imported.record, self.run_record, self.imported.extra.get("path", "router"),
+                             self.allow_mismatch)
+            self._checked = key
 
     def _check_schedule(self, sched: L2CSchedule) -> None:
         if len(self.routers) and sched.num_routers != self.num_routers:
@@ -193,10 +202,7 @@ class L2CPolicy(CachePolicy):
 
     # ------------------------------------------------------------------ run state
     def reset(self) -> None:
-        self._cache = {}
-        self._active = None
-        self._store = None
-        self._run_masks = None
+        self._cache, self._active, self._store, self._run_masks = {}, None, None, None
 
     def begin(self, ctx: StepContext) -> None:
         super().begin(ctx)
@@ -332,13 +338,6 @@ class L2CPolicy(CachePolicy):
         for p in self.routers:
             p.clamp_(lo, hi)
 
-    def check_finite(self, where: str = "routers") -> None:
-        """Refuse NaN / inf logits (a diverged run must never write or load such a router)."""
-        bad = [i for i, p in enumerate(self.routers) if not torch.isfinite(p.detach()).all()]
-        if bad:
-            raise ValueError(f"{where}: router logits {bad[:8]} are not finite (NaN/inf); the run diverged "
-                             f"(check policy.lam and module.optimizer.lr)")
-
     # ------------------------------------------------------------------ reporting
     def betas(self, router: int | None = None) -> torch.Tensor:
         """sigmoid(logits), detached: [num_sites] for one router, [num_routers, num_sites] for all."""
@@ -366,17 +365,17 @@ class L2CPolicy(CachePolicy):
     @classmethod
     def from_official(cls, path, *, weights_only: bool = True, **kwargs: Any) -> "L2CPolicy":
         """A policy holding the routers of an official DiT ``.pt`` / U-ViT ``.pth`` file (bit-exact)."""
-        return ckpt.policy_from_official(cls, path, weights_only=weights_only, **kwargs)
+        return ckpt.policy_from_file(cls, path, weights_only=weights_only, **kwargs)
 
     def load_official(self, path, *, weights_only: bool = True) -> "L2CPolicy":
-        """Copy an official file's logits into the existing routers (count and length must match)."""
+        """Copy an official file's logits into the routers (count and length must match); the run it was
+        made for is checked against each run this policy is bound to (:mod:`.provenance`)."""
         ckpt.load_into(self, path, weights_only=weights_only)
-        self._run_masks = None
+        self._checked, self._run_masks = None, None
         return self
 
     def to_official(self, path, fmt: str | None = None, **kw: Any):
-        """Write the routers in the official format (see :func:`.checkpoint.export_policy`)."""
-        self.check_finite(str(path))
+        """Write the routers in the official format (see :func:`.checkpoint.export_policy`; NaN/inf refused)."""
         return ckpt.export_policy(self, path, fmt, **kw)
 
     export_official = to_official

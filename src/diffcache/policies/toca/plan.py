@@ -37,8 +37,9 @@ class ToCaParams:
     def __post_init__(self) -> None:
         if int(self.fresh_threshold) < 1:
             raise ValueError(f"fresh_threshold must be >= 1, got {self.fresh_threshold}")
-        if float(self.fresh_ratio) < 0:
-            raise ValueError(f"fresh_ratio must be >= 0, got {self.fresh_ratio}")
+        if not 0.0 <= float(self.fresh_ratio) <= 1.0:
+            raise ValueError(f"policy.fresh_ratio is the fraction of tokens recomputed on cached steps, in [0, 1]; "
+                             f"got {self.fresh_ratio}")
         if self.direction not in ("down", "up"):
             raise ValueError(f"direction must be 'down' or 'up', got {self.direction!r}")
         if self.score not in ("attn", "xattn", "none"):

@@ -33,10 +33,11 @@ class ToCaPolicy(CachePolicy):
         self.params: ToCaParams | None = None
         if preset is not None:
             self.params = preset_params(preset, **self._overrides)
-        else:  # validate the option names now
+        else:  # validate the option names and values now (the preset is only known once bound)
             unknown = sorted(set(self._overrides) - set(_PARAM_NAMES))
             if unknown:
                 raise TypeError(f"unknown ToCa options {unknown}; allowed: {sorted(_PARAM_NAMES)}")
+            ToCaParams(**{k: v for k, v in self._overrides.items() if v is not None})
         self.geometry: SiteLayout | None = None
         self._plans: dict[int, ToCaSchedule] = {}
         self._needs_memo: dict[int, bool] = {}

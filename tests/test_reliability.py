@@ -1,0 +1,234 @@
+"""Issue 9 end to end: sweeps with path overrides and their tables, reproducible DDPM fidelity, latency and
+speedup keys, real conditioning, decoded side-by-side pictures, one CSV row per step, Ctrl-C and resume."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from hydra_utils import FAST, ROOT, compose_cfg
+from test_evaluate import perturbed_ckpt
+
+from diffcache.backbones import build_backbone
+from diffcache.policies.l2c import L2CPolicy
+from diffcache.sampling import sample
+from diffcache.solvers import DDPM
+from diffcache.tasks.evaluate import evaluate
+from diffcache.tasks.train import train
+from diffcache.utils.build import build_backbone as build_from_cfg
+
+QUICK = ["eval.progress=false", "eval.latency_repeats=0"]
+
+
+def _env(cwd):
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "PROJECT_ROOT": str(cwd),
+            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _cli(script, args, cwd, timeout=400):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=_env(cwd), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_sweeps_with_a_path_override_keep_one_folder_per_run_and_fill_the_table(tmp_path):
+    """The README's lambda sweep on a real checkpoint path (plus a bad value: that job fails alone, the table
+    lists it, the sweep exits 2), then an evaluate sweep over theta."""
+    ckdir = tmp_path / "ckpts" / "DiT tiny"
+    ckdir.mkdir(parents=True)
+    teacher = perturbed_ckpt("tiny_dit", ckdir / "model.pt")
+    res = _cli("train.py", ["-m", "policy.lam=1e-6,-1,1e-5", f"backbone.ckpt={teacher}", "trainer.max_steps=2",
+                            "data.batch_size=2", "callbacks=none"], tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2 and "Traceback" not in out, out[-3000:]
+    errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2 and "policy.lam" in errors[0] and "1 of 3 sweep runs failed" in errors[1]
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").glob("*/*")
+    runs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_")[0]))
+    assert [(r / "summary.json").is_file() for r in runs] == [True, False, True]
+    assert (runs[1] / "FAILED").is_file() and not list(runs[1].glob("router.*"))
+    assert all(r.name.startswith(f"{i}_") and not set(r.name) & set("/=, ") for i, r in enumerate(runs))
+    table = pd.read_csv(sweep / "summary.csv")
+    assert list(table["status"])[::2] == ["ok", "ok"] and table["status"][1].startswith("failed: ValueError: policy.lam")
+    table = table.iloc[[0, 2]]
+    assert sorted(table["lam"]) == [1e-6, 1e-5]
+    for col in ("cached_fraction", "macs_fraction", "speedup_macs", "train/loss"):
+        assert table[col].notna().all(), col
+    assert ((table["macs_fraction"] > 0) & (table["macs_fraction"] <= 1)).all()
+    assert (table["speedup_macs"] * table["macs_fraction"]).round(9).eq(1).all()  # one meaning: full / cached
+    # the console: each log line once, no litlogger advert, no "Total FLOPs: 0", losses in scientific notation
+    logged = [ln for ln in out.splitlines() if ln.startswith("[20")]
+    assert len(logged) == len(set(logged)) and not any(ln.startswith("INFO: ") for ln in out.splitlines())
+    assert "litlogger" not in out and "Total FLOPs" not in out and "Epoch 0/-2" not in out
+    assert "e-0" in out  # the progress bar shows ~1e-6 losses as 1.234e-06, not 0.000
+
+    router = runs[0] / "router.pt"
+    res = _cli("evaluate.py", ["-m", "policy=l2c", f"router_ckpt={router}", "policy.theta=0.2,0.8",
+                               f"backbone.ckpt={teacher}", "eval.num_samples=2", "eval.batch_size=2",
+                               "eval.latency_repeats=1", "eval.progress=false"], tmp_path)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    (esweep,) = (tmp_path / "logs" / "evaluate" / "multiruns").glob("*/*")
+    et = pd.read_csv(esweep / "summary.csv")
+    assert len(et) == 2 and all((esweep / r / "summary.json").is_file() for r in et["run"])  # flat, router path too
+    for col in ("cached_fraction", "macs_fraction", "speedup_macs", "mse_vs_full", "latency_cached_s",
+                "latency_full_s", "speedup_latency"):
+        assert et[col].notna().all(), col
+    assert et["cached_fraction"].iloc[0] <= et["cached_fraction"].iloc[1]  # a higher theta caches more
+
+
+def _ddpm_router(tmp_path, steps=20):
+    """A DDPM-20 router file recorded for DDPM (random logits: theta=0 computes every branch anyway)."""
+    bb = build_backbone("tiny_dit")
+    pol = L2CPolicy(theta=0.0, init_seed=0)
+    pol.setup(bb, DDPM(steps, schedule="linear"))
+    return pol.export_official(tmp_path / "ddpm_router")
+
+
+def test_ddpm_fidelity_is_exact_and_reproducible(tmp_path):
+    ck = f"backbone.ckpt={perturbed_ckpt('tiny_dit', tmp_path / 'teacher.pt')}"
+    ddpm = ["solver=ddpm250", "solver.num_steps=20", "eval.num_samples=3", "eval.batch_size=2", *QUICK]
+    res = evaluate(compose_cfg("evaluate", [ck, *ddpm, "policy=l2c", "policy.theta=0.0",
+                                            f"router_ckpt={_ddpm_router(tmp_path)}"], tmp_path / "l2c"))
+    assert res["cached"] == 0 and res["mse_vs_full"] == 0.0  # caches nothing: bit-identical to the full sampler
+    a = evaluate(compose_cfg("evaluate", [ck, *ddpm, "policy=fora"], tmp_path / "a"))
+    b = evaluate(compose_cfg("evaluate", [ck, *ddpm, "policy=fora"], tmp_path / "b"))
+    assert a["mse_vs_full"] > 0 and a["mse_vs_full"] == b["mse_vs_full"]
+    assert torch.equal(torch.load(tmp_path / "a" / "samples.pt"), torch.load(tmp_path / "b" / "samples.pt"))
+
+
+def test_evaluate_reports_cached_and_full_latency_and_their_ratio(tmp_path):
+    cfg = compose_cfg("evaluate", ["policy=fora", "eval.num_samples=2", "eval.batch_size=2", "eval.progress=false"],
+                      tmp_path)
+    assert cfg.eval.latency_repeats >= 3
+    res = evaluate(cfg)
+    assert res["latency_repeats"] == cfg.eval.latency_repeats
+    assert res["latency_cached_min_s"] <= res["latency_cached_s"] <= res["latency_cached_max_s"]
+    assert res["latency_full_min_s"] <= res["latency_full_s"] <= res["latency_full_max_s"]
+    assert res["speedup_latency"] == pytest.approx(res["latency_full_s"] / res["latency_cached_s"])
+    assert res["speedup_macs"] == pytest.approx(1 / res["macs_fraction"])
+
+
+def _expected(backbone, cfg, cond_of):
+    """Samples rebuilt by hand from the documented seeding (noise of sample i from seed * 7919 + i)."""
+    outs = []
+    for i in range(int(cfg.eval.num_samples)):
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + i)
+        noise = torch.randn(1, backbone.in_channels, backbone.input_size, backbone.input_size, generator=g)
+        from diffcache.utils.build import build_solver
+        outs.append(sample(backbone, build_solver(cfg.solver), None, noise, cond_of(i), guidance=cfg.eval.guidance))
+    return torch.cat(outs)
+
+
+def test_evaluate_uses_real_labels_and_encoded_prompts(tmp_path):
+    cfg = compose_cfg("evaluate", ["eval.labels=[3,7]", "eval.num_samples=3", "eval.batch_size=2", *QUICK],
+                      tmp_path / "labels")
+    evaluate(cfg)
+    bb = build_from_cfg(cfg.backbone)
+    want = _expected(bb, cfg, lambda i: torch.tensor([[3, 7][i % 2]]))
+    torch.testing.assert_close(torch.load(tmp_path / "labels" / "samples.pt"), want, rtol=0, atol=1e-5)
+
+    pix = build_backbone("tiny_pixart")
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2, pix.token_num, pix.caption_channels, generator=g)
+    mask = torch.ones(2, pix.token_num, dtype=torch.long)
+    mask[1, 5:] = 0
+    torch.save({"y": y, "mask": mask, "prompts": ["a cat", "a dog"]}, tmp_path / "prompts.pt")
+    ck = perturbed_ckpt("tiny_pixart", tmp_path / "pixart.pt")
+    cfg = compose_cfg("evaluate", ["backbone=tiny_pixart", f"backbone.ckpt={ck}", "solver=dpmpp20",
+                                   f"eval.prompts={tmp_path / 'prompts.pt'}", "eval.num_samples=2", "eval.batch_size=2",
+                                   *QUICK], tmp_path / "prompts")
+    evaluate(cfg)
+    bb = build_from_cfg(cfg.backbone)
+    want = _expected(bb, cfg, lambda i: {"y": y[i:i + 1], "mask": mask[i:i + 1]})
+    # float32 round-off of batch 2 vs batch 1 kernels over 20 steps (cf. test_evaluate_batch_size_...)
+    torch.testing.assert_close(torch.load(tmp_path / "prompts" / "samples.pt"), want, rtol=0,
+                               atol=1e-5 * float(want.abs().max()))
+
+
+def test_samples_png_decodes_through_the_vae_cached_beside_full(tmp_path):
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    ck = perturbed_ckpt("tiny_dit", tmp_path / "teacher.pt")
+    res = evaluate(compose_cfg("evaluate", [f"backbone.ckpt={ck}", "policy=fora", f"backbone.vae={tmp_path / 'vae'}",
+                                            "eval.num_samples=2", "eval.batch_size=2", *QUICK], tmp_path / "run"))
+    img = torch.from_numpy(__import__("numpy").array(Image.open(res["grid"]).convert("RGB"))).permute(2, 0, 1)
+    # 2 samples x (cached, full), each 8x8 latent -> 16x16 pixels, upscaled x8 to 128, padding 2 (make_grid)
+    assert tuple(img.shape) == (3, 128 + 4, 4 * (128 + 2) + 2)
+    cached = torch.load(tmp_path / "run" / "samples.pt")
+    with torch.no_grad():
+        dec = ((AutoencoderKL.from_pretrained(tmp_path / "vae").decode(cached[:1] / 0.18215).sample + 1) / 2).clamp(0, 1)
+    tile = img[:, 2:130, 2:130].float() / 255
+    want = torch.nn.functional.interpolate(dec, scale_factor=8, mode="nearest")[0]
+    assert (tile - want).abs().max() <= 1 / 255 + 1e-6  # 8-bit quantisation of the same decoded picture
+    full_tile = img[:, 2:130, 132:260].float() / 255
+    assert (full_tile - tile).abs().max() > 0  # the uncached sample beside it differs (FORA changes samples)
+
+
+def test_csv_has_one_row_per_step_and_overrides_name_one_setting(tmp_path):
+    train(compose_cfg("train", ["trainer=cpu", "trainer.max_steps=3", "data.batch_size=2", "module.heatmap_every=1",
+                                *FAST], tmp_path / "t"))
+    with open(tmp_path / "t" / "csv" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert all(r["train/loss"] and r["lr-AdamW"] and r["router/cached"] for r in rows)
+    for arch in ("tiny_dit", "tiny_uvit", "tiny_pixart"):  # backbone.overrides={input_size:4}: one name everywhere
+        cfg = compose_cfg("train", [f"backbone={arch}", "backbone.overrides={input_size:4}"], tmp_path / arch)
+        assert build_from_cfg(cfg.backbone).input_size == 4, arch
+
+
+def _wait_for_rows(csv_path, n, proc, timeout=120.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        if csv_path.is_file() and len(csv_path.read_text().splitlines()) > n:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_ctrl_c_exports_a_partial_router_and_resume_continues_in_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    args = ["trainer.max_steps=100000", "data.batch_size=2", "logger.csv.flush_logs_every_n_steps=1",
+            "callbacks.model_checkpoint.every_n_train_steps=1", *FAST]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run}"], cwd=tmp_path,
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _wait_for_rows(run / "csv" / "metrics.csv", 2, proc), "training never logged a step"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["partial"] is True and summary["global_step"] >= 1 and "partial" in out
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    router = torch.load(run / "router.pt", weights_only=False)["routers"]
+    assert all(torch.isfinite(v).all() for v in router.values())
+    if ckpt["global_step"] == summary["global_step"]:  # the same completed step: the same logits
+        for i, v in enumerate(router.values()):
+            assert torch.equal(v, ckpt["state_dict"][f"policy.routers.{i}"])
+
+    # evaluate takes the Lightning checkpoint as a router file
+    res = evaluate(compose_cfg("evaluate", ["policy=l2c", f"router_ckpt={run / 'checkpoints' / 'last.ckpt'}",
+                                            "eval.num_samples=1", "eval.batch_size=1", *QUICK], tmp_path / "eval"))
+    assert res["router"].endswith("last.ckpt") and 0 < res["macs_fraction"] <= 1
+
+    # resume: same run folder, continues to max_steps
+    target = ckpt["global_step"] + 2
+    res = _cli("train.py", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"trainer.max_steps={target}",
+                            "data.batch_size=2", *FAST], tmp_path)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == target and summary["partial"] is False
+    assert not (tmp_path / "logs").exists(), "resuming opened a new run folder"

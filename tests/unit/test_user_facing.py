@@ -1,0 +1,172 @@
+"""Issue 9, the parts a user reads: router plots, CSV rows, progress format, evaluation inputs, preflight
+checks, sweep tables, benchmark keys."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from diffcache.backbones import build_backbone
+from diffcache.plot import main as plot_main
+from diffcache.policies.l2c import L2CPolicy
+from diffcache.policies.toca import ToCaPolicy
+from diffcache.solvers import DDIM
+from diffcache.tasks.eval_io import Conditioning, decode
+from diffcache.utils import preflight
+from diffcache.utils.loggers import StepCSVLogger
+from diffcache.utils.sweep import summarize
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "l2c_routers"
+
+
+def test_plot_cli_draws_trained_and_released_router_files(tmp_path, capsys):
+    from PIL import Image
+
+    bb = build_backbone("tiny_pixart")  # three site kinds: attn, xattn, mlp
+    pol = L2CPolicy(theta=0.5, init_seed=0)
+    pol.setup(bb, DDIM(20, schedule="linear"))
+    router = pol.export_official(tmp_path / "router")
+    assert plot_main([str(router), "--out", str(tmp_path / "p.png")]) == 0  # kinds from the file's record
+    w, h = Image.open(tmp_path / "p.png").size
+    assert w > 300 and h > 300  # two panels (betas and the mask), readable
+    assert plot_main([str(router), "--kinds", "attn,xattn,mlp,x", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "--kinds" in capsys.readouterr().err  # 2 layers x 3 kinds are not a multiple of 4
+    (tmp_path / "notes.txt").write_text("not a router")
+    assert plot_main([str(tmp_path / "notes.txt")]) == 2
+    if FIXTURES.is_dir():
+        for name, extra in (("DiT_DDIM20_router.pt", []), ("U-ViT_dpm20_router.pth", ["--schedule", "shifted"])):
+            assert plot_main([str(FIXTURES / name), "--out", str(tmp_path / f"{name}.png"), *extra]) == 0
+
+
+def test_csv_logger_writes_one_row_per_step_even_across_a_flush(tmp_path):
+    lg = StepCSVLogger(save_dir=tmp_path, name="csv", version="", flush_logs_every_n_steps=1)
+    for step in range(3):
+        lg.log_metrics({"lr": 0.1}, step=step)       # the LR monitor
+        lg.log_metrics({"loss": 1.0 + step}, step=step)  # the step's losses
+        lg.save()                                    # a flush between two calls of the same step
+        lg.log_metrics({"router/cached": 2.0 * step}, step=step)
+    lg.finalize("success")
+    with open(tmp_path / "csv" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["step"], r["lr"], r["loss"], r["router/cached"]) for r in rows] == [
+        ("0", "0.1", "1.0", "0.0"), ("1", "0.1", "2.0", "2.0"), ("2", "0.1", "3.0", "4.0")]
+
+
+def test_progress_bar_prints_small_losses_in_scientific_notation():
+    from diffcache.utils.console import StepProgressBar
+
+    fmt = StepProgressBar().theme.metrics_format
+    assert f"{1.234e-6:{fmt}}" == "1.234e-06"
+
+
+def test_conditioning_labels_prompts_and_refusals(tmp_path):
+    dit, pix = build_backbone("tiny_dit"), build_backbone("tiny_pixart")
+    g = torch.Generator()
+    c = Conditioning(dit, [3, 7])
+    assert [int(c(i, g)) for i in range(5)] == [3, 7, 3, 7, 3]
+    assert int(Conditioning(dit, 4)(9, g)) == 4
+    assert int(Conditioning(dit, OmegaConf.create([2]))(0, g)) == 2  # a Hydra list
+    with pytest.raises(ValueError, match="outside the backbone's classes 0..9"):
+        Conditioning(dit, [10])
+    with pytest.raises(ValueError, match="eval.prompts"):
+        Conditioning(dit, None, prompts="p.pt")
+    with pytest.raises(ValueError, match="eval.labels is for class-conditional"):
+        Conditioning(pix, [1])
+    with pytest.raises(FileNotFoundError, match="encode_prompts.py"):
+        Conditioning(pix, None, prompts=str(tmp_path / "missing.pt"))
+    torch.save({"y": torch.zeros(2, 5, pix.caption_channels), "mask": torch.ones(2, 5)}, tmp_path / "short.pt")
+    with pytest.raises(ValueError, match="the backbone expects"):
+        Conditioning(pix, None, prompts=str(tmp_path / "short.pt"))
+
+
+def test_decode_shows_pixels_directly_and_latents_by_channels():
+    x = torch.tensor([-1.0, 0.0, 1.0, 3.0]).view(1, 1, 2, 2)
+    torch.testing.assert_close(decode(x), torch.tensor([0.0, 0.5, 1.0, 1.0]).view(1, 1, 2, 2))  # [-1, 1] -> [0, 1]
+    lat = torch.arange(4 * 4, dtype=torch.float32).view(1, 4, 2, 2)
+    out = decode(lat)
+    assert out.shape == (1, 3, 2, 2) and out.min() == 0 and out.max() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_toca_fresh_ratio_and_threshold_are_checked_at_config_time():
+    with pytest.raises(ValueError, match="policy.fresh_ratio"):
+        ToCaPolicy(preset=None, fresh_ratio=1.5)
+    with pytest.raises(ValueError, match="fresh_threshold"):
+        ToCaPolicy(preset=None, fresh_threshold=0)
+    ToCaPolicy(preset=None, fresh_ratio=1.0)
+
+
+def test_preflight_trainer_and_writability(tmp_path, monkeypatch):
+    cfg = OmegaConf.create
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
+        preflight.check_trainer(cfg({"accelerator": "cpu", "devices": 2, "strategy": "auto"}))
+    preflight.check_trainer(cfg({"accelerator": "cpu", "devices": 2, "strategy": "ddp_find_unused_parameters_true"}))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="this machine has 2 GPU"):
+        preflight.check_trainer(cfg({"accelerator": "gpu", "devices": 8, "strategy": "ddp_find_unused_parameters_true"}))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        preflight.check_trainer(cfg({"accelerator": "gpu", "devices": 1}))
+    preflight.check_writable(tmp_path / "new" / "deeper", "paths.log_dir")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        preflight.check_writable(tmp_path / "file" / "logs", "paths.log_dir")
+
+
+def test_sweep_table_lists_failed_runs_and_only_reported_columns(tmp_path):
+    (tmp_path / "0_policy.lam-1e-06").mkdir()
+    (tmp_path / "0_policy.lam-1e-06" / "summary.json").write_text(json.dumps(
+        {"overrides": ["policy.lam=1e-06"], "lam": 1e-6, "cached_fraction": 0.25, "macs_fraction": 0.8}))
+    (tmp_path / "1_policy.lam-inf").mkdir()
+    (tmp_path / "1_policy.lam-inf" / "FAILED").write_text("ValueError: policy.lam must be finite\n")
+    rows = summarize(tmp_path)
+    assert [r["status"] for r in rows] == ["ok", "failed: ValueError: policy.lam must be finite"]
+    header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header == ["run", "status", "overrides", "lam", "cached_fraction", "macs_fraction"]
+
+
+def test_benchmark_rows_use_evaluate_names(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["speed", "--arch", "tiny_dit", "--steps", "6", "--batch", "1", "--policies", "fora", "--repeats", "1",
+                "--device", "cpu", "--out", str(tmp_path / "rows.json")])
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert {"macs_fraction", "speedup_macs", "flops_fraction", "speedup_flops", "latency_cached_s", "latency_full_s",
+            "speedup_latency"} <= set(row)
+    assert 0 < row["flops_fraction"] < 1 < row["speedup_flops"]  # fraction = cached / full, speedup = full / cached
+    assert row["speedup_flops"] == pytest.approx(1 / row["flops_fraction"], rel=2e-3)  # both rounded to 3 places
+
+
+def test_user_errors_catch_input_errors_only(capsys, tmp_path, monkeypatch):
+    from hydra.errors import InstantiationException
+
+    from diffcache.utils.cli import user_errors
+
+    monkeypatch.delenv("DIFFCACHE_DEBUG", raising=False)
+
+    def wrapped(cause):
+        try:
+            raise cause
+        except Exception as e:
+            try:
+                raise InstantiationException("Error in call to target") from e
+            except InstantiationException as outer:
+                return outer
+
+    for err in (ValueError("policy.theta is bad"), FloatingPointError("loss is nan"),
+                FileNotFoundError("no such file"), wrapped(ValueError("policy.lam is bad")),
+                wrapped(TypeError("__init__() got an unexpected keyword argument 'foo'"))):
+        with pytest.raises(SystemExit) as ex, user_errors():
+            raise err
+        assert ex.value.code == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+        assert len(lines) == 1
+    for bug in (TypeError("unsupported operand"), KeyError("x"), wrapped(TypeError("unsupported operand"))):
+        with pytest.raises(type(bug)), user_errors():  # a programming bug keeps its traceback
+            raise bug
