@@ -108,7 +108,7 @@ def test_error_table_shape_and_meaning(tiny, table):
 
 
 def test_step_proxy_is_the_next_state_error(tiny):
-    backbone, solver = tiny
+    backbone, solver = tiny[0], DDIM(10)
     from diffcache.data.seeded import seeded_inputs
 
     noise, cond = seeded_inputs(backbone, range(2))
@@ -205,3 +205,21 @@ def test_export_cli(tiny, table, tmp_path):
     assert obj["mask"] == ss.static_mask(res.policy, backbone.layout, solver)
     assert cd["polarity"] == "1 = compute" and "lost" in cd
     assert main(["--solver", "ddim20", "--out", str(tmp_path / "x.json")]) == 2  # neither router nor --fora
+
+
+def test_uvit_dpm_solver2_shifted_schedule(tmp_path):
+    # two evaluations per step, separate CFG passes: cache evaluations reuse the previous midpoint
+    from diffcache.solvers import DPMSolver2
+
+    backbone, solver = perturbed("tiny_uvit", seed=1, scale=0.1), DPMSolver2(20, time_input="scaled")
+    s = ScheduleSearch(budget=0.8, proxy="step", num_samples=2, progress=False, guidance=0.4)
+    res = s.run(backbone, solver)
+    assert res.table.cache_evals == list(range(2, 20, 2))
+    assert res.cost["macs"] <= 0.8 * res.cost["macs_full"] and res.proxies["dp"] <= res.proxies["greedy"]
+    assert res.cost["macs"] > 0.8 * res.cost["macs_full"] - site_macs(backbone).max()
+    one = ScheduleSearch(budget=1.0, proxy="step", num_samples=2, progress=False).run(backbone, solver, table=res.table)
+    from diffcache.data.seeded import seeded_inputs
+
+    noise, cond = seeded_inputs(backbone, range(2))
+    assert torch.equal(sample(backbone, solver, one.policy, noise, cond, 0.4), sample(backbone, solver, None, noise, cond, 0.4))
+    assert res.policy.export_official(tmp_path / "r").suffix == ".pth"  # U-ViT's official router format

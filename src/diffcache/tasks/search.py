@@ -27,8 +27,8 @@ def search(cfg: DictConfig) -> dict:
     res.table.to_csv(out / "error_table.csv")
     s = res.summary()
     png = schedule_heatmap(res.table, res.masks[res.method], out / "schedule.png",
-                           title=f"{res.method}: budget {res.budget:g} ({res.budget_of}) -> MACs {s['macs_fraction']:.4f} "
-                                 f"of full; white = compute")
+                           title=f"{res.method}, budget {res.budget:g} ({res.budget_of}): MACs {s['macs_fraction']:.4f} "
+                                 f"of full\nwhite = compute, black = reuse")
     summary = {"run_name": cfg.run_name, "router": str(router), "heatmap": str(png), "solver": solver.name,
                "num_steps": int(solver.num_steps), "backbone": OmegaConf.select(cfg, "backbone.arch") or "custom", **s}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
