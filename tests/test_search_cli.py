@@ -47,6 +47,13 @@ def test_search_cli_writes_router_that_evaluate_reads(tmp_path, teacher):
     # the MAC counter reads the written router exactly as the search counted it
     assert ev["macs_fraction"] == pytest.approx(s["macs_fraction"], rel=1e-12)
     assert ev["macs_fraction"] <= 0.75 and ev["mse_vs_full"] > 0
+    # a budget sweep selects again from the written table without measuring
+    again = search(compose_cfg("search", [teacher, "searcher.budget=0.9", f"searcher.table={run / 'error_table.json'}",
+                                          "searcher.progress=false"], tmp_path / "again"))
+    assert again["proxy_dp"] < s["proxy_dp"] and 0.75 < again["macs_fraction"] <= 0.9
+    with pytest.raises(ValueError, match="measured for cache evaluations"):
+        search(compose_cfg("search", [teacher, "solver=ddim10", f"searcher.table={run / 'error_table.json'}"],
+                           tmp_path / "mismatch"))
     bad = run_cli("search.py", [teacher, *SEARCH, "searcher.budget=0.2", f"hydra.run.dir={tmp_path / 'bad'}"],
                   tmp_path, timeout=300)
     assert bad.returncode == 2 and "raise the budget" in bad.stderr and "Traceback" not in bad.stderr

@@ -88,29 +88,32 @@ class ScheduleSearch:
     computed and reported; this one drives the router); proxy: "final" | "step" (:mod:`.table`);
     num_samples (<= 64) / seed: the calibration set (``seeded_inputs``); batch_size: probes run in
     chunks of this many samples (the table is their sample-weighted mean); guidance: the CFG scale of
-    the teacher trajectories (None = the backbone's off value).
+    the teacher trajectories (None = the backbone's off value); table: an ``error_table.json`` of an
+    earlier run to select from without measuring again (a budget sweep measures once).
     """
 
     name = "search"
 
     def __init__(self, budget: float = 0.8, budget_of: str = "sampler", method: str = "dp", proxy: str = "final",
                  cache_interval: int = 2, num_samples: int = 16, batch_size: int | None = None, seed: int = 0,
-                 guidance: float | None = None, device: str = "cpu", progress: bool = True) -> None:
+                 guidance: float | None = None, device: str = "cpu", progress: bool = True,
+                 table: str | None = None) -> None:
         if not 0.0 <= float(budget) <= 1.0:
-            raise ValueError(f"search.budget is a fraction of MACs in [0, 1], got {budget}")
+            raise ValueError(f"searcher.budget is a fraction of MACs in [0, 1], got {budget}")
         if budget_of not in BUDGETS_OF:
-            raise ValueError(f"search.budget_of must be one of {BUDGETS_OF}, got {budget_of!r}")
+            raise ValueError(f"searcher.budget_of must be one of {BUDGETS_OF}, got {budget_of!r}")
         if method not in select.METHODS:
-            raise ValueError(f"search.method must be one of {tuple(select.METHODS)}, got {method!r}")
+            raise ValueError(f"searcher.method must be one of {tuple(select.METHODS)}, got {method!r}")
         if proxy not in PROXIES:
-            raise ValueError(f"search.proxy must be one of {PROXIES}, got {proxy!r}")
+            raise ValueError(f"searcher.proxy must be one of {PROXIES}, got {proxy!r}")
         if not 1 <= int(num_samples) <= 64:
-            raise ValueError(f"search.num_samples is the calibration set size, 1..64; got {num_samples}")
+            raise ValueError(f"searcher.num_samples is the calibration set size, 1..64; got {num_samples}")
         self.budget, self.budget_of, self.method, self.proxy = float(budget), budget_of, method, proxy
         self.cache_interval, self.num_samples, self.seed = int(cache_interval), int(num_samples), int(seed)
         self.batch_size = int(batch_size) if batch_size else self.num_samples
         self.guidance = guidance
         self.device, self.progress = device, bool(progress)
+        self.table_path = table
 
     # ------------------------------------------------------------------ pieces
     def need(self, backbone, solver, rows: int) -> float:
@@ -123,9 +126,9 @@ class ScheduleSearch:
         need = (1.0 - self.budget) * full
         if need > cacheable * (1 + 1e-12):
             lo = 1.0 - cacheable / full
-            raise ValueError(f"search.budget={self.budget} of the sampler's MACs is below what this schedule can reach "
+            raise ValueError(f"searcher.budget={self.budget} of the sampler's MACs is below what this schedule can reach "
                              f"({lo:.4f}: full evaluations and the uncacheable parts always run); raise the budget, use "
-                             f"search.cache_interval > 2, or search.budget_of=cache_steps")
+                             f"searcher.cache_interval > 2, or searcher.budget_of=cache_steps")
         return need
 
     def measure(self, backbone, solver) -> ErrorTable:
@@ -144,6 +147,19 @@ class ScheduleSearch:
         t.meta.update({"seed": self.seed, "guidance": self.guidance})
         return t
 
+    def load_table(self, path, backbone, solver) -> ErrorTable:
+        """A table written by an earlier search (``error_table.json``), checked against this run's schedule."""
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"searcher.table={path}: no such error table (error_table.json of a search run)")
+        t = ErrorTable.from_json(path)
+        sched = make_schedule(solver, self.cache_interval)
+        if t.cache_evals != sched.cache_evals() or t.sites != backbone.layout.labels():
+            raise ValueError(f"searcher.table={path} was measured for cache evaluations {t.cache_evals} and sites "
+                             f"{t.sites[:4]}..., not this solver / backbone; measure a new one (searcher.table=null)")
+        return t
+
     def select(self, table: ErrorTable, backbone, solver) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
         costs = site_macs(backbone)
         need = self.need(backbone, solver, len(table.cache_evals))
@@ -156,6 +172,8 @@ class ScheduleSearch:
         make_schedule(solver, self.cache_interval)  # fail early on a solver without an L2C schedule
         times = {}
         t0 = time.perf_counter()
+        if table is None and self.table_path:
+            table = self.load_table(self.table_path, backbone, solver)
         if table is None:
             backbone = backbone.to(self.device).eval()
             table = self.measure(backbone, solver)
