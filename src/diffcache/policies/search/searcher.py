@@ -182,6 +182,8 @@ class ScheduleSearch:
         masks, proxies, need = self.select(table, backbone, solver)
         times["select"] = time.perf_counter() - t1
         policy = searched_policy(backbone, solver, masks[self.method], table.routers, self.cache_interval)
+        with policy.bound(backbone, solver):  # set up for this run, so an export records what it was made for
+            pass
         cost = policy_cost(backbone, solver, policy)
         expected = cost["macs_full"] - select.saved_of(masks[self.method], site_macs(backbone))
         if abs(cost["macs"] - expected) > 1e-6 * cost["macs_full"]:
