@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(map(sum, mask))} of {len(mask) * layout.num_sites} computed")
         if a.cache_dit:
             cd = ss.cache_dit_mask(mask)
-            ss.write_json({**cd, "solver": obj["solver"], "steps": len(mask), "source": what}, a.cache_dit)
+            ss.write_json({**cd, "solver": obj["solver"], "steps": len(mask), "exported_from": what}, a.cache_dit)
             print(f"wrote {a.cache_dit}: lost {cd['lost']}")
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ format exists and tools disagree on polarity, so every file written here says ``
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def cache_dit_mask(mask: list[list[int]]) -> dict:
     lost = sum(sum(mask[e]) for e in partial)
     return {
         "steps_computation_mask": steps, "polarity": POLARITY,
-        "lost": (f"branch-level caching is not expressible: {len(partial)} evaluations computed only some branches "
+        "lost": (f"branch-level caching is not expressible: {len(partial)} evaluation(s) computed only some branches "
                  f"(0-based {partial}); they are written as 0 (cached), so {lost} branch computations of the "
                  f"diffcache schedule become reuses here. cache-dit also always computes its first Fn blocks and "
                  f"caches residuals, which this mask does not describe.") if partial else "nothing (step-level schedule)",
@@ -86,10 +87,15 @@ def cache_dit_mask(mask: list[list[int]]) -> dict:
     }
 
 
+_FLAT = re.compile(r"\[(\s*(?:-?\d+|null)(?:,\s*(?:-?\d+|null))*\s*)\]")
+
+
 def write_json(obj: dict, path) -> Path:
+    """Indented JSON with every list of integers on one line (one mask row per line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1))
+    text = _FLAT.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", json.dumps(obj, indent=1))
+    path.write_text(text + "\n")
     return path
 
 
