@@ -1,0 +1,96 @@
+"""Export a static cache schedule for other tools (see :mod:`diffcache.policies.static_schedule`).
+
+    python -m diffcache.export_schedule router.pt --solver ddim20 --out sched.json [--cache-dit mask.json]
+    python -m diffcache.export_schedule --fora 3 --backbone dit --solver ddim50 --out fora.json
+
+``router.pt``: an L2C router (trained, released or searched), read at ``--theta`` (default: the
+backbone config's ``l2c.theta``, what ``evaluate.py`` uses) or ``--budget``. ``--backbone`` / ``--solver``
+are config-group names (``conf/backbone``, ``conf/solver``); only the layout and the step schedule are
+read, no weights are loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .policies import static_schedule as ss
+
+
+def _conf_dir(given: str | None) -> Path:
+    for cand in ([Path(given)] if given else []) + [Path.cwd() / "conf", Path(__file__).resolve().parents[2] / "conf"]:
+        if (cand / "evaluate.yaml").is_file():
+            return cand.resolve()
+    raise FileNotFoundError("no config directory with evaluate.yaml found; pass --config-dir /path/to/diffcache/conf")
+
+
+def compose_run(backbone: str, solver: str, overrides: list[str], conf_dir: str | None = None):
+    """(backbone on the meta device, solver, backbone config) from the config groups."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    import diffcache  # noqa: F401  (resolvers)
+
+    from .utils.build import BACKBONE_RUN_KEYS, _plain
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(_conf_dir(conf_dir)), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"backbone={backbone}", f"solver={solver}", *overrides])
+    c = _plain(cfg.backbone)
+    run = {k: c.pop(k) for k in BACKBONE_RUN_KEYS if k in c}
+    with torch.device("meta"):
+        model = instantiate(c, **(run.get("overrides") or {}))
+    return model, instantiate(cfg.solver), cfg.backbone
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diffcache.export_schedule", description=__doc__.split("\n\n")[0])
+    p.add_argument("router", nargs="?", help="L2C router file (.pt / .pth); omit with --fora")
+    p.add_argument("--solver", required=True, help="solver config name, e.g. ddim20, dpmpp10, dpm20")
+    p.add_argument("--backbone", default="tiny_dit", help="backbone config name for the site layout (default tiny_dit)")
+    p.add_argument("--theta", type=float, default=None, help="L2C threshold (default: the backbone's l2c.theta)")
+    p.add_argument("--budget", type=float, default=None, help="L2C compute budget instead of theta")
+    p.add_argument("--cache-interval", type=int, default=2, help="L2C schedule cache interval (default 2)")
+    p.add_argument("--fora", type=int, default=None, metavar="N", help="export FORA with interval N instead of a router")
+    p.add_argument("--out", required=True, help="diffcache-static-schedule/v1 JSON to write")
+    p.add_argument("--cache-dit", default=None, help="also write cache-dit's steps_computation_mask JSON here")
+    p.add_argument("--config-dir", default=None, help="diffcache conf/ directory (default: ./conf or the repo's)")
+    p.add_argument("overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    try:
+        if (a.router is None) == (a.fora is None):
+            raise ValueError("give either a router file or --fora N")
+        backbone, solver, bcfg = compose_run(a.backbone, a.solver, a.overrides, a.config_dir)
+        layout = backbone.layout
+        if a.fora is not None:
+            from .policies.fora import FORAPolicy
+
+            policy, what = FORAPolicy(a.fora), {"policy": "fora", "interval": a.fora}
+        else:
+            from .policies.l2c import L2CPolicy
+
+            theta = float(a.theta if a.theta is not None else bcfg.l2c.theta)
+            policy = L2CPolicy.from_official(a.router, theta=theta, budget=a.budget, cache_interval=a.cache_interval,
+                                             layout=layout)
+            what = {"policy": "l2c", "router": str(a.router), "theta": theta, "budget": a.budget,
+                    "cache_interval": a.cache_interval}
+        mask = ss.static_mask(policy, layout, solver)
+        obj = ss.schedule_json(mask, layout, solver, backbone=str(bcfg.get("arch") or a.backbone),
+                               source=ss.reuse_sources(policy, mask), **what)
+        ss.write_json(obj, a.out)
+        print(f"wrote {a.out}: {len(mask)} evaluations x {layout.num_sites} branches, "
+              f"{sum(map(sum, mask))} of {len(mask) * layout.num_sites} computed")
+        if a.cache_dit:
+            cd = ss.cache_dit_mask(mask)
+            ss.write_json({**cd, "solver": obj["solver"], "steps": len(mask), "exported_from": what}, a.cache_dit)
+            print(f"wrote {a.cache_dit}: lost {cd['lost']}")
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
