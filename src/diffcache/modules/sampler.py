@@ -43,7 +43,7 @@ class ShardedSampler(L.LightningModule):
     """
 
     def __init__(self, backbone, solver, policy, out_dir, num_samples: int, shard_size: int = 16, seed: int = 0,
-                 guidance: float | None = None, decode=None, progress: bool = False):
+                 guidance: float | None = None, decode=None, progress: bool = False, inputs=None):
         super().__init__()
         if int(num_samples) < 1 or int(shard_size) < 1:
             raise ValueError(f"eval.num_samples and eval.batch_size must be >= 1, got {num_samples}, {shard_size}")
@@ -52,6 +52,8 @@ class ShardedSampler(L.LightningModule):
         self.solver, self.out_dir = solver, Path(out_dir)
         self.num_samples, self.shard_size, self.seed = int(num_samples), int(shard_size), int(seed)
         self.guidance, self.decode, self.progress = guidance, decode, progress
+        # inputs(indices, device) -> (noise, cond); default: seeded per index with random conditioning
+        self.inputs = inputs or (lambda idx, device: seeded_inputs(backbone, idx, self.seed, device))
 
     @property
     def num_shards(self) -> int:
@@ -73,7 +75,7 @@ class ShardedSampler(L.LightningModule):
         if path.is_file():  # done by an earlier run (or by another rank's padded duplicate)
             return None
         idx = list(range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_samples)))
-        noise, cond = seeded_inputs(self.backbone, idx, self.seed, self.device)
+        noise, cond = self.inputs(idx, self.device)
         g = torch.Generator().manual_seed(self.seed * 104729 + shard)  # per-step noise of stochastic solvers
         x = sample(self.backbone, self.solver, self.policy, noise, cond, self.guidance, generator=g,
                    progress=self.progress).float().cpu()

@@ -52,6 +52,32 @@ def _batches(cfg, backbone, device, conditioning: Conditioning):
         yield noise, cond, torch.Generator().manual_seed(cfg.seed * 104729 + start)
 
 
+def _sharded(cfg, backbone, solver, policy, guidance, conditioning, out_dir):
+    """The sample set through :class:`ShardedSampler` on ``cfg.trainer`` (DDP across ranks and nodes):
+    resumable shards, identical for any number of ranks; None on ranks other than 0."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from ..modules.sampler import ShardedSampler, gather
+
+    def inputs(idx, device):
+        gens = [torch.Generator().manual_seed(cfg.seed * 7919 + i) for i in idx]
+        noise = torch.stack([torch.randn((backbone.in_channels, backbone.input_size, backbone.input_size),
+                                         generator=g) for g in gens]).to(device)
+        cond = conditioning.batch(idx, gens)
+        return noise, ({k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device))
+
+    sampler = ShardedSampler(backbone, solver, policy, out_dir, int(cfg.eval.num_samples), int(cfg.eval.batch_size),
+                             seed=int(cfg.seed), guidance=guidance, inputs=inputs)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False,
+                                     enable_model_summary=False, limit_val_batches=0)
+    trainer.predict(sampler, return_predictions=False)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return None
+    return gather(out_dir, int(cfg.eval.num_samples))["samples"]
+
+
 def _sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -77,10 +103,16 @@ def evaluate(cfg: DictConfig) -> dict:
     conditioning = Conditioning(backbone, cfg.eval.get("labels"), cfg.eval.get("prompts"))
 
     def run(pol):
+        if cfg.eval.get("shards"):
+            return _sharded(cfg, backbone, solver, pol, guidance, conditioning, out / "shards" / (
+                "full" if pol is None else "cached"))
         return torch.cat([sample(backbone, solver, pol, noise, cond, guidance=guidance, progress=progress,
                                  generator=g).cpu() for noise, cond, g in _batches(cfg, backbone, device, conditioning)])
 
     cached = run(policy)
+    full = run(None) if cfg.eval.compare_to_full and policy.name != "none" else None
+    if cached is None:  # a non-zero rank of a sharded run: its shards are written, rank 0 reports
+        return {}
     result: dict = {"run_name": cfg.run_name, "num_samples": int(cached.shape[0]), "guidance": guidance,
                     "num_evals": solver.num_evals, "seed": int(cfg.seed), "overrides": _task_overrides()}
     if router:
@@ -90,9 +122,7 @@ def evaluate(cfg: DictConfig) -> dict:
     result.update({"macs_fraction": cost["macs_ratio"], "speedup_macs": cost["speedup_macs"],
                    "flops_fraction": cost["flops_ratio"], "speedup_flops": cost["speedup_flops"]})
     result.update({k: v for k, v in policy.summary(backbone.layout, solver).items()})
-    full = None
-    if cfg.eval.compare_to_full and policy.name != "none":
-        full = run(None)
+    if full is not None:
         mse = (cached - full).pow(2).mean().item()
         peak = full.abs().max().item()
         result.update({"mse_vs_full": mse, "psnr_vs_full_db": 10 * math.log10(peak ** 2 / max(mse, 1e-30))})
@@ -102,6 +132,7 @@ def evaluate(cfg: DictConfig) -> dict:
         result["grid"] = str(save_grid(cached, out / "samples.png", full=full, vae=cfg.backbone.get("vae"),
                                        scale=float(cfg.backbone.get("vae_scale") or 0.18215)))
     torch.save(cached, out / "samples.pt")
+    result["samples_sha256"] = hashlib.sha256(cached.contiguous().numpy().tobytes()).hexdigest()
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     for lg in build_loggers(cfg.get("logger")):
         lg.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))}, step=0)
