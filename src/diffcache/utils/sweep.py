@@ -16,6 +16,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from .pareto import pareto_png
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ["run", "status", "overrides", "lam", "theta", "theta_effective", "global_step", "train/loss", "train/mse",
@@ -41,19 +43,21 @@ def summarize(sweep_dir: str | Path) -> list[dict]:
             s, status = {}, "failed: " + (run / "FAILED").read_text().strip()
         else:
             continue
-        rows.append({**{k: s.get(k) for k in COLUMNS}, "run": run.name, "status": status,
-                     "overrides": " ".join(s.get("overrides", []))})
+        rows.append({**{k: s.get(k) for k in COLUMNS}, **{k: v for k, v in s.items() if k.startswith("val/")},
+                     "run": run.name, "status": status, "overrides": " ".join(s.get("overrides", []))})
     if not rows:
         return rows
-    columns = [c for c in COLUMNS if c in ALWAYS or any(r[c] is not None for r in rows)]
+    extra = sorted({k for r in rows for k in r if k.startswith("val/")})
+    columns = [c for c in COLUMNS if c in ALWAYS or any(r[c] is not None for r in rows)] + extra
     with open(sweep_dir / "summary.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]).replace("|", "/") for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)).replace("|", "/") for c in columns) + " |" for r in rows]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    pareto_png(rows, sweep_dir / "pareto.png")
     return rows
 
 
