@@ -16,6 +16,8 @@ channels) are shown directly; other latents fall back to their first three chann
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 from pathlib import Path
 
@@ -86,16 +88,23 @@ def _load_prompts(path, backbone) -> dict:
     return {"y": y, "mask": mask}
 
 
+@functools.lru_cache(maxsize=2)
+def _vae(path: str):
+    """The AutoencoderKL at ``path``, loaded once per process (sharded sampling decodes every shard)."""
+    from diffusers import AutoencoderKL
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"backbone.vae={path} is not a local diffusers AutoencoderKL directory "
+                                f"(nothing is downloaded)")
+    return AutoencoderKL.from_pretrained(path).eval()
+
+
 def decode(latents: torch.Tensor, vae: str | None = None, scale: float = 0.18215) -> torch.Tensor:
     """Images in [0, 1]: through the VAE at ``vae`` if given, pixels as they are, else latent channels 0..2."""
     x = latents.float()
     if vae:
-        from diffusers import AutoencoderKL
-
-        if not Path(vae).is_dir():
-            raise FileNotFoundError(f"backbone.vae={vae} is not a local diffusers AutoencoderKL directory "
-                                    f"(nothing is downloaded)")
-        model = AutoencoderKL.from_pretrained(vae).eval()
+        model = _vae(str(vae))
+        x = x.to(next(model.parameters()).device)
         with torch.no_grad():
             img = torch.cat([model.decode(x[i:i + 4] / scale).sample for i in range(0, len(x), 4)])
         return ((img + 1) / 2).clamp(0, 1)

@@ -23,7 +23,7 @@ from ..metrics.latency import measure
 from ..sampling import sample
 from ..utils.build import build_backbone, build_loggers, build_policy, build_solver
 from ..utils.console import setup_console
-from .eval_io import Conditioning, save_grid
+from .eval_io import Conditioning, decode, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,10 @@ def _sharded(cfg, backbone, solver, policy, guidance, conditioning, out_dir):
         cond = conditioning.batch(idx, gens)
         return noise, ({k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device))
 
+    vae, scale = cfg.backbone.get("vae"), float(cfg.backbone.get("vae_scale") or 0.18215)
+    to_images = (lambda x: decode(x, vae, scale) * 2 - 1) if vae else None  # shards then carry uint8 images
     sampler = ShardedSampler(backbone, solver, policy, out_dir, int(cfg.eval.num_samples), int(cfg.eval.batch_size),
-                             seed=int(cfg.seed), guidance=guidance, inputs=inputs)
+                             seed=int(cfg.seed), guidance=guidance, inputs=inputs, decode=to_images)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False,
                                      enable_model_summary=False, limit_val_batches=0)
     trainer.predict(sampler, return_predictions=False)
