@@ -1,0 +1,218 @@
+"""Sampling speed: full vs L2C, ToCa, FORA and fewer-step DDIM on one backbone, one noise, one run.
+
+Each row: latency median (min-max) after warm-up, measured speedup over the full sampler, the ideal
+speedup from the MAC counter (``policy_cost``, l2c convention, CFG included on both sides), their
+ratio ("efficiency") and the peak memory of one run. ``compile`` rows run the backbone through
+``torch.compile`` (``nn.Module.compile``): graph breaks come from ``torch._dynamo.explain`` on one
+forward of each distinct evaluation kind, recompiles are the graphs compiled beyond one forward's.
+
+L2C: on DiT-XL/2 the released DDIM-20 / DDIM-50 routers (``--routers``); on other DiTs (their router
+length differs) random logits with a compute budget equal to the fraction of branch MACs the released
+router of that step count keeps on its cache evaluations, so the schedule costs what the real one does.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffcache.backbones import load_backbone
+from diffcache.metrics.cost import policy_cost
+from diffcache.policies.base import StepContext
+from diffcache.policies.fora import FORAPolicy
+from diffcache.policies.l2c import L2CPolicy
+from diffcache.policies.toca import ToCaPolicy
+from diffcache.sampling import sample
+from diffcache.solvers import make_solver
+
+from .common import fmt_latency, markdown_table, seeded_inputs, timed
+
+ROUTERS = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "l2c_routers"
+
+
+def official_router(routers: Path | None, steps: int) -> Path | None:
+    if routers is None:
+        return None
+    path = Path(routers) / f"DiT_DDIM{steps}_router.pt"
+    return path if path.is_file() else None
+
+
+def released_budget(path: Path) -> float:
+    """Fraction of branch MACs the released router keeps on its cache evaluations (theta = 0.1)."""
+    pol = L2CPolicy.from_official(path)
+    masks = pol.inference_masks()
+    w = torch.tensor([1.0, 2.0] * (pol.num_sites // 2), dtype=torch.float64)  # attn 1 : mlp 2 (DiT MACs)
+    kept = [float((torch.tensor(m, dtype=torch.float64) * w).sum() / w.sum()) for m in masks.values()]
+    return sum(kept) / len(kept)
+
+
+def l2c_policy(arch: str, steps: int, routers: Path | None) -> tuple[L2CPolicy, str]:
+    path = official_router(routers, steps)
+    if path is not None and arch == "DiT-XL/2":
+        return L2CPolicy.from_official(path), f"released {path.name}"
+    budget = released_budget(path) if path is not None else 0.75
+    src = f"budget {budget:.3f} (as {path.name})" if path is not None else f"budget {budget} (no released router)"
+    return L2CPolicy(init_seed=0, budget=budget), "random logits, " + src
+
+
+def searched_policy(arch: str, steps: int) -> Any:
+    """Hook for the schedule-search helper: return a policy built from a searched schedule, or None."""
+    try:
+        from diffcache.policies import search  # not built yet
+    except ImportError:
+        return None
+    make = getattr(search, "benchmark_policy", None)
+    return make(arch, steps) if make is not None else None
+
+
+def candidates(arch: str, steps: int, routers: Path | None) -> list[dict]:
+    """(name, solver, policy factory, note) for every row; the full sampler first."""
+    solver = make_solver("ddim", steps, schedule="linear")
+    l2c, note = l2c_policy(arch, steps, routers)
+    rows = [dict(policy="full", solver=solver, make=lambda: None, note=f"DDIM-{steps}"),
+            dict(policy="l2c", solver=solver, make=lambda: l2c, note=note),
+            dict(policy="toca", solver=solver, make=lambda: ToCaPolicy("dit_ddim50", fresh_threshold=3),
+                 note="preset dit_ddim50 (N=3, R=93%)"),
+            dict(policy="fora", solver=solver, make=lambda: FORAPolicy(interval=3), note="interval 3")]
+    # fewer steps at the compute of the L2C schedule: the baseline any cache must beat
+    fewer = max(2, round(steps / policy_cost(arch, solver, l2c)["speedup_macs"]))
+    rows.append(dict(policy=f"ddim{fewer}", solver=make_solver("ddim", fewer, schedule="linear"),
+                     make=lambda: None, note=f"DDIM-{fewer}: the MACs of the L2C row"))
+    searched = searched_policy(arch, steps)
+    rows.append(dict(policy="search", solver=solver, make=(lambda: searched), note="placeholder: no search "
+                     "module yet (hook: benchmarks.speed.searched_policy)" if searched is None else "searched"))
+    return rows
+
+
+# ============================================================================================ compile
+def _graph_breaks(model, policy, solver, noise, y, guidance) -> dict:
+    """Graph breaks of one forward at a full and at a cache evaluation (explain, backend-free)."""
+    B = noise.shape[0]
+    x = torch.cat([noise, noise]) if guidance is not None else noise
+    yy = torch.cat([y, torch.full_like(y, model.null_class)]) if guidance is not None else y
+    t = torch.full((x.shape[0],), 500.0, device=noise.device)
+    reasons, graphs = [], 0
+    evals = [0, 1] if policy is not None else [0]
+    ctx = dict(step=0, num_steps=solver.num_steps, num_evals=solver.num_evals, timestep=500.0,
+               branch="all", cfg_layout=model.cfg_layout)
+    import contextlib
+
+    binding = policy.bound(model, solver) if policy is not None else contextlib.nullcontext()
+    with torch.no_grad(), binding:
+        for nfe in evals:
+            if policy is not None:
+                policy.train(False)
+                policy.begin(StepContext(nfe=nfe, **ctx))
+                # FORA / L2C need a full evaluation in the cache before a cache evaluation
+                if nfe:
+                    policy.begin(StepContext(nfe=0, **ctx))
+                    model(x, t, yy)
+                    policy.begin(StepContext(nfe=nfe, **ctx))
+            torch._dynamo.reset()
+            ex = torch._dynamo.explain(model)(x, t, yy)
+            graphs = max(graphs, ex.graph_count)
+            for b in ex.break_reasons:
+                where = b.user_stack[-1] if b.user_stack else None
+                loc = f"{Path(where.filename).name}:{where.lineno}" if where is not None else "?"
+                reasons.append(f"{loc}: {b.reason}"[:200])
+    del B
+    return {"graph_breaks": len(reasons), "break_reasons": sorted(set(reasons)), "graphs_per_forward": graphs}
+
+
+class Compiled:
+    """``model.compile(backend)`` for a block of rows; dynamo's caches and counters reset on entry/exit."""
+
+    def __init__(self, model, backend: str, recompile_limit: int):
+        self.model, self.backend, self.limit = model, backend, recompile_limit
+
+    def __enter__(self):
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.reset()
+        counters.clear()
+        self._prev = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = self.limit
+        self.model.compile(backend=self.backend)
+        return self
+
+    def graphs(self) -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"].get("unique_graphs", 0))
+
+    def __exit__(self, *exc):
+        self.model._compiled_call_impl = None
+        torch._dynamo.config.recompile_limit = self._prev
+        torch._dynamo.reset()
+
+
+# ============================================================================================ rows
+def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "cpu", guidance: float = 1.5,
+        repeats: int = 3, compile_backend: str | None = "inductor", compile_batches=(1,),
+        compile_policies=("full", "l2c", "fora"), routers: Path | None = ROUTERS, bf16: bool = False,
+        policies: tuple[str, ...] | None = None) -> list[dict]:
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = load_backbone(arch, random_init=True).to(dev, dtype)
+    rows: list[dict] = []
+    cands = [c for c in candidates(arch, steps, routers) if policies is None or c["policy"] in policies
+             or c["policy"] == "full" or (c["policy"].startswith("ddim") and "ddim" in policies)]
+    modes = ["eager"] + ([f"compile:{compile_backend}"] if compile_backend else [])
+    for bs in batches:
+        noise, y = seeded_inputs(model, bs, dev, dtype)
+        full_macs = policy_cost(model, cands[0]["solver"], None, guidance=guidance)["macs_cfg"]
+        for mode in modes:
+            if mode != "eager" and bs not in compile_batches:
+                continue
+            full_s = None
+            for c in cands:
+                if mode != "eager" and c["policy"] not in compile_policies:
+                    continue
+                pol = c["make"]()
+                row = {"arch": arch, "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "batch": bs,
+                       "steps": c["solver"].num_steps, "policy": c["policy"], "mode": mode, "note": c["note"]}
+                if pol is None and c["policy"] == "search":
+                    row["status"] = "not run"
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
+                pol = pol.to(dev) if pol is not None else None
+                cost = policy_cost(model, c["solver"], pol, guidance=guidance)
+                fn = lambda: sample(model, c["solver"], pol, noise, y, guidance=guidance)  # noqa: E731
+                if mode == "eager":
+                    r = timed(fn, dev, repeats)
+                else:
+                    row.update(_graph_breaks(model, pol, c["solver"], noise, y, guidance))
+                    with Compiled(model, mode.split(":", 1)[1], recompile_limit=max(8, 2 * c["solver"].num_evals + 4)) as comp:
+                        import time
+
+                        t0 = time.perf_counter()
+                        fn()  # compiles every graph the run needs
+                        row["compile_s"] = round(time.perf_counter() - t0, 2)
+                        r = timed(fn, dev, repeats, warmup=0)
+                        row["graphs_compiled"] = comp.graphs()
+                        row["recompiles"] = max(0, row["graphs_compiled"] - row["graphs_per_forward"])
+                if full_s is None:
+                    full_s = r["median_s"]
+                speed = full_s / r["median_s"]
+                ideal = full_macs / cost["macs_cfg"]
+                row.update({"latency_s": fmt_latency(r), "median_s": round(r["median_s"], 4),
+                            "min_s": round(r["min_s"], 4), "max_s": round(r["max_s"], 4), "repeats": r["repeats"],
+                            "speedup": round(speed, 3), "ideal_speedup": round(ideal, 3),
+                            "efficiency": round(speed / ideal, 3), "peak_mib": round(r["peak_mib"], 1),
+                            "gmacs_per_image": round(cost["macs_cfg"] / 1e9, 2)})
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "break_reasons"}), flush=True)
+    return rows
+
+
+COLUMNS = [("batch", "batch"), ("mode", "mode"), ("policy", "policy"), ("steps", "steps"),
+           ("latency s, median (min-max)", "latency_s"), ("speedup", "speedup"), ("ideal (MACs)", "ideal_speedup"),
+           ("efficiency", "efficiency"), ("peak MiB", "peak_mib"), ("graph breaks", "graph_breaks"),
+           ("recompiles", "recompiles"), ("note", "note")]
+
+
+def table(rows: list[dict]) -> str:
+    return markdown_table(rows, COLUMNS)
