@@ -2,9 +2,10 @@
 
 Each row: latency median (min-max) after warm-up, measured speedup over the full sampler, the ideal
 speedup from the MAC counter (``policy_cost``, l2c convention, CFG included on both sides), their
-ratio ("efficiency") and the peak memory of one run. ``compile`` rows run the backbone through
-``torch.compile`` (``nn.Module.compile``): graph breaks come from ``torch._dynamo.explain`` on one
-forward of each distinct evaluation kind, recompiles are the graphs compiled beyond one forward's.
+ratio ("efficiency") and the peak memory of one run. ``compile`` rows (see :class:`Compiled`) run
+inductor on the whole forward or on the attention / MLP modules; graph breaks come from
+``torch._dynamo.explain`` on a forward at a full and at a cache evaluation, recompiles are the
+whole-forward graphs dynamo captures over a run beyond one forward's (tracing only, no codegen).
 
 L2C: on DiT-XL/2 the released DDIM-20 / DDIM-50 routers (``--routers``); on other DiTs (their router
 length differs) random logits with a compute budget equal to the fraction of branch MACs the released
@@ -13,6 +14,7 @@ router of that step count keeps on its cache evaluations, so the schedule costs 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ def l2c_policy(arch: str, steps: int, routers: Path | None) -> tuple[L2CPolicy, 
     path = official_router(routers, steps)
     if path is not None and arch == "DiT-XL/2":
         return L2CPolicy.from_official(path), f"released {path.name}"
+    path = path or official_router(routers, 20)  # other step counts: the DDIM-20 router's compute share
     budget = released_budget(path) if path is not None else 0.75
     src = f"budget {budget:.3f} (as {path.name})" if path is not None else f"budget {budget} (no released router)"
     return L2CPolicy(init_seed=0, budget=budget), "random logits, " + src
@@ -121,11 +124,24 @@ def _graph_breaks(model, policy, solver, noise, y, guidance) -> dict:
     return {"graph_breaks": len(reasons), "break_reasons": sorted(set(reasons)), "graphs_per_forward": graphs}
 
 
-class Compiled:
-    """``model.compile(backend)`` for a block of rows; dynamo's caches and counters reset on entry/exit."""
+def _warm(model, noise, y) -> None:
+    """One uncached forward at the run's CFG batch: thread pools and allocator warm, at a fraction of a run."""
+    with torch.no_grad():
+        x = torch.cat([noise, noise])
+        model(x, torch.full((x.shape[0],), 500.0, device=x.device), torch.cat([y, y]))
 
-    def __init__(self, model, backend: str, recompile_limit: int):
-        self.model, self.backend, self.limit = model, backend, recompile_limit
+
+class Compiled:
+    """Compile the backbone for a block of rows; dynamo's caches and counters reset on entry and exit.
+
+    ``whole``: ``model.compile(backend)``, the whole forward including the cache sites (one graph per
+    distinct caching decision). ``regional``: inductor on every attention and MLP module only (all
+    blocks share their code, so a handful of graphs); the caching decisions stay in Python.
+    """
+
+    def __init__(self, model, backend: str, recompile_limit: int, regional: bool = False):
+        self.model, self.backend, self.limit, self.regional = model, backend, recompile_limit, regional
+        self.parts = [m for blk in model.blocks for m in (blk.attn, blk.mlp)] if regional else [model]
 
     def __enter__(self):
         from torch._dynamo.utils import counters
@@ -134,7 +150,8 @@ class Compiled:
         counters.clear()
         self._prev = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = self.limit
-        self.model.compile(backend=self.backend)
+        for m in self.parts:
+            m.compile(backend=self.backend)
         return self
 
     def graphs(self) -> int:
@@ -143,23 +160,34 @@ class Compiled:
         return int(counters["stats"].get("unique_graphs", 0))
 
     def __exit__(self, *exc):
-        self.model._compiled_call_impl = None
+        for m in self.parts:
+            m._compiled_call_impl = None
         torch._dynamo.config.recompile_limit = self._prev
         torch._dynamo.reset()
 
 
+def count_graphs(model, fn, limit: int) -> int:
+    """Graphs dynamo captures over one whole-forward run (backend ``eager``: tracing only, no codegen)."""
+    with Compiled(model, "eager", limit) as comp:
+        fn()
+        return comp.graphs()
+
+
 # ============================================================================================ rows
 def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "cpu", guidance: float = 1.5,
-        repeats: int = 3, compile_backend: str | None = "inductor", compile_batches=(1,),
-        compile_policies=("full", "l2c", "fora"), routers: Path | None = ROUTERS, bf16: bool = False,
+        repeats: int = 3, compile_modes=("regional", "whole"), compile_batches=(1,),
+        whole_policies=("full",), regional_policies=("full", "l2c", "toca", "fora"), routers: Path | None = ROUTERS, bf16: bool = False,
         policies: tuple[str, ...] | None = None) -> list[dict]:
+    """Rows of the speed table. ``compile_modes``: "regional" (every policy) and "whole" (the policies in
+    ``whole_policies``: inductor on the whole forward compiles one graph per caching decision, minutes each
+    on a CPU); every compiled row also counts graph breaks and whole-forward graphs with dynamo alone."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = load_backbone(arch, random_init=True).to(dev, dtype)
     rows: list[dict] = []
     cands = [c for c in candidates(arch, steps, routers) if policies is None or c["policy"] in policies
              or c["policy"] == "full" or (c["policy"].startswith("ddim") and "ddim" in policies)]
-    modes = ["eager"] + ([f"compile:{compile_backend}"] if compile_backend else [])
+    modes = ["eager"] + [f"compile:{m}" for m in compile_modes]
     for bs in batches:
         noise, y = seeded_inputs(model, bs, dev, dtype)
         full_macs = policy_cost(model, cands[0]["solver"], None, guidance=guidance)["macs_cfg"]
@@ -168,8 +196,12 @@ def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "c
                 continue
             full_s = None
             for c in cands:
-                if mode != "eager" and c["policy"] not in compile_policies:
+                if mode == "compile:whole" and c["policy"] not in whole_policies:
                     continue
+                if mode == "compile:regional" and c["policy"] not in regional_policies + ("search",):
+                    continue
+                if mode != "eager" and c["policy"].startswith("ddim"):
+                    continue  # the uncached model: its compiled speed is the full row's
                 pol = c["make"]()
                 row = {"arch": arch, "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "batch": bs,
                        "steps": c["solver"].num_steps, "policy": c["policy"], "mode": mode, "note": c["note"]}
@@ -181,19 +213,20 @@ def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "c
                 pol = pol.to(dev) if pol is not None else None
                 cost = policy_cost(model, c["solver"], pol, guidance=guidance)
                 fn = lambda: sample(model, c["solver"], pol, noise, y, guidance=guidance)  # noqa: E731
+                reps = repeats if bs < 8 else max(1, repeats - 1)
                 if mode == "eager":
-                    r = timed(fn, dev, repeats)
+                    r = timed(fn, dev, reps, warmup=0, warm=lambda: _warm(model, noise, y))
                 else:
+                    limit = max(8, 2 * c["solver"].num_evals + 4)
                     row.update(_graph_breaks(model, pol, c["solver"], noise, y, guidance))
-                    with Compiled(model, mode.split(":", 1)[1], recompile_limit=max(8, 2 * c["solver"].num_evals + 4)) as comp:
-                        import time
-
+                    row["whole_graphs"] = count_graphs(model, fn, limit)
+                    row["recompiles"] = max(0, row["whole_graphs"] - row["graphs_per_forward"])
+                    with Compiled(model, "inductor", limit, regional=mode == "compile:regional") as comp:
                         t0 = time.perf_counter()
                         fn()  # compiles every graph the run needs
                         row["compile_s"] = round(time.perf_counter() - t0, 2)
-                        r = timed(fn, dev, repeats, warmup=0)
+                        r = timed(fn, dev, reps, warmup=0)
                         row["graphs_compiled"] = comp.graphs()
-                        row["recompiles"] = max(0, row["graphs_compiled"] - row["graphs_per_forward"])
                 if full_s is None:
                     full_s = r["median_s"]
                 speed = full_s / r["median_s"]
@@ -211,7 +244,8 @@ def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "c
 COLUMNS = [("batch", "batch"), ("mode", "mode"), ("policy", "policy"), ("steps", "steps"),
            ("latency s, median (min-max)", "latency_s"), ("speedup", "speedup"), ("ideal (MACs)", "ideal_speedup"),
            ("efficiency", "efficiency"), ("peak MiB", "peak_mib"), ("graph breaks", "graph_breaks"),
-           ("recompiles", "recompiles"), ("note", "note")]
+           ("whole-forward recompiles", "recompiles"), ("graphs compiled", "graphs_compiled"),
+           ("compile s", "compile_s"), ("note", "note")]
 
 
 def table(rows: list[dict]) -> str:
