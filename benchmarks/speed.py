@@ -14,6 +14,7 @@ router of that step count keeps on its cache evaluations, so the schedule costs 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from diffcache.policies.toca import ToCaPolicy
 from diffcache.sampling import sample
 from diffcache.solvers import make_solver
 
-from .common import fmt_latency, markdown_table, seeded_inputs, timed
+from .common import markdown_table, peak_memory, seeded_inputs
 
 ROUTERS = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "l2c_routers"
 
@@ -174,70 +175,97 @@ def count_graphs(model, fn, limit: int) -> int:
 
 
 # ============================================================================================ rows
+def _interleaved(entries: list[dict], dev: torch.device, reps: int) -> None:
+    """Time every entry ``reps`` times in round-robin order (a shared machine's load drifts; drift then hits
+    every policy alike), storing median / min / max seconds and the peak memory per entry."""
+    for e in entries:
+        e["times"], e["mems"] = [], []
+    for _ in range(reps):
+        for e in entries:
+            t0 = time.perf_counter()
+            _, mem = peak_memory(e["fn"], dev)
+            e["times"].append(time.perf_counter() - t0)
+            e["mems"].append(mem)
+
+
+def _finish(e: dict, full_s: float, full_macs: float) -> dict:
+    row, ts = e["row"], e["times"]
+    med = statistics.median(ts)
+    speed, ideal = full_s / med, full_macs / e["cost"]["macs_cfg"]
+    row.update({"latency_s": f"{med:.3f} ({min(ts):.3f}-{max(ts):.3f})", "median_s": round(med, 4),
+                "min_s": round(min(ts), 4), "max_s": round(max(ts), 4), "repeats": len(ts),
+                "speedup": round(speed, 3), "ideal_speedup": round(ideal, 3), "efficiency": round(speed / ideal, 3),
+                "peak_mib": round(max(e["mems"]), 1), "gmacs_per_image": round(e["cost"]["macs_cfg"] / 1e9, 2)})
+    print(json.dumps({k: v for k, v in row.items() if k != "break_reasons"}), flush=True)
+    return row
+
+
 def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "cpu", guidance: float = 1.5,
         repeats: int = 3, compile_modes=("regional", "whole"), compile_batches=(1,),
-        whole_policies=("full",), regional_policies=("full", "l2c", "toca", "fora"), routers: Path | None = ROUTERS, bf16: bool = False,
-        policies: tuple[str, ...] | None = None) -> list[dict]:
-    """Rows of the speed table. ``compile_modes``: "regional" (every policy) and "whole" (the policies in
-    ``whole_policies``: inductor on the whole forward compiles one graph per caching decision, minutes each
-    on a CPU); every compiled row also counts graph breaks and whole-forward graphs with dynamo alone."""
+        whole_policies=("full",), regional_policies=("full", "l2c", "toca", "fora"), routers: Path | None = ROUTERS,
+        bf16: bool = False, policies: tuple[str, ...] | None = None) -> list[dict]:
+    """Rows of the speed table, policies timed in interleaved rounds. ``compile_modes``: "regional" (one
+    compile shared by every policy in ``regional_policies``) and "whole" (the policies in ``whole_policies``,
+    each compiled on its own: inductor on the whole forward compiles one graph per caching decision, minutes
+    each on a CPU). Compiled rows also count graph breaks and whole-forward graphs with dynamo alone."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = load_backbone(arch, random_init=True).to(dev, dtype)
-    rows: list[dict] = []
     cands = [c for c in candidates(arch, steps, routers) if policies is None or c["policy"] in policies
              or c["policy"] == "full" or (c["policy"].startswith("ddim") and "ddim" in policies)]
-    modes = ["eager"] + [f"compile:{m}" for m in compile_modes]
+    rows: list[dict] = []
     for bs in batches:
         noise, y = seeded_inputs(model, bs, dev, dtype)
         full_macs = policy_cost(model, cands[0]["solver"], None, guidance=guidance)["macs_cfg"]
-        for mode in modes:
+        reps = repeats if bs < 8 else max(1, repeats - 1)
+        for mode in ["eager"] + [f"compile:{m}" for m in compile_modes]:
             if mode != "eager" and bs not in compile_batches:
                 continue
-            full_s = None
+            allowed = {"compile:whole": whole_policies, "compile:regional": regional_policies}.get(mode)
+            entries = []
             for c in cands:
-                if mode == "compile:whole" and c["policy"] not in whole_policies:
+                if allowed is not None and c["policy"] not in allowed:
                     continue
-                if mode == "compile:regional" and c["policy"] not in regional_policies + ("search",):
-                    continue
-                if mode != "eager" and c["policy"].startswith("ddim"):
-                    continue  # the uncached model: its compiled speed is the full row's
-                pol = c["make"]()
                 row = {"arch": arch, "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "batch": bs,
                        "steps": c["solver"].num_steps, "policy": c["policy"], "mode": mode, "note": c["note"]}
+                pol = c["make"]()
                 if pol is None and c["policy"] == "search":
-                    row["status"] = "not run"
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    rows.append(dict(row, status="not run"))
                     continue
                 pol = pol.to(dev) if pol is not None else None
-                cost = policy_cost(model, c["solver"], pol, guidance=guidance)
-                fn = lambda: sample(model, c["solver"], pol, noise, y, guidance=guidance)  # noqa: E731
-                reps = repeats if bs < 8 else max(1, repeats - 1)
-                if mode == "eager":
-                    r = timed(fn, dev, reps, warmup=0, warm=lambda: _warm(model, noise, y))
-                else:
-                    limit = max(8, 2 * c["solver"].num_evals + 4)
-                    row.update(_graph_breaks(model, pol, c["solver"], noise, y, guidance))
-                    row["whole_graphs"] = count_graphs(model, fn, limit)
-                    row["recompiles"] = max(0, row["whole_graphs"] - row["graphs_per_forward"])
-                    with Compiled(model, "inductor", limit, regional=mode == "compile:regional") as comp:
+                fn = (lambda s=c["solver"], p=pol: sample(model, s, p, noise, y, guidance=guidance))
+                entries.append({"row": row, "fn": fn, "pol": pol, "solver": c["solver"],
+                                "cost": policy_cost(model, c["solver"], pol, guidance=guidance)})
+            if mode != "eager":
+                for e in entries:  # dynamo alone: breaks and whole-forward graphs (before any compile)
+                    limit = max(8, 2 * e["solver"].num_evals + 4)
+                    e["row"].update(_graph_breaks(model, e["pol"], e["solver"], noise, y, guidance))
+                    e["row"]["whole_graphs"] = count_graphs(model, e["fn"], limit)
+                    e["row"]["recompiles"] = max(0, e["row"]["whole_graphs"] - e["row"]["graphs_per_forward"])
+            if mode == "compile:whole":  # one compile per policy: time each on its own
+                for e in entries:
+                    limit = max(8, 2 * e["solver"].num_evals + 4)
+                    with Compiled(model, "inductor", limit) as comp:
                         t0 = time.perf_counter()
-                        fn()  # compiles every graph the run needs
-                        row["compile_s"] = round(time.perf_counter() - t0, 2)
-                        r = timed(fn, dev, reps, warmup=0)
-                        row["graphs_compiled"] = comp.graphs()
-                if full_s is None:
-                    full_s = r["median_s"]
-                speed = full_s / r["median_s"]
-                ideal = full_macs / cost["macs_cfg"]
-                row.update({"latency_s": fmt_latency(r), "median_s": round(r["median_s"], 4),
-                            "min_s": round(r["min_s"], 4), "max_s": round(r["max_s"], 4), "repeats": r["repeats"],
-                            "speedup": round(speed, 3), "ideal_speedup": round(ideal, 3),
-                            "efficiency": round(speed / ideal, 3), "peak_mib": round(r["peak_mib"], 1),
-                            "gmacs_per_image": round(cost["macs_cfg"] / 1e9, 2)})
-                rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "break_reasons"}), flush=True)
+                        e["fn"]()
+                        e["row"]["compile_s"] = round(time.perf_counter() - t0, 2)
+                        _interleaved([e], dev, reps)
+                        e["row"]["graphs_compiled"] = comp.graphs()
+            elif mode == "compile:regional":
+                with Compiled(model, "inductor", 64, regional=True) as comp:
+                    for e in entries:  # first call compiles (ToCa's token subsets add dynamic-shape graphs)
+                        t0 = time.perf_counter()
+                        e["fn"]()
+                        e["row"]["compile_s"] = round(time.perf_counter() - t0, 2)
+                    _interleaved(entries, dev, reps)
+                    for e in entries:
+                        e["row"]["graphs_compiled"] = comp.graphs()
+            else:
+                _warm(model, noise, y)
+                _interleaved(entries, dev, reps)
+            full = next((e for e in entries if e["row"]["policy"] == "full"), None)
+            full_s = statistics.median(full["times"]) if full else float("nan")
+            rows += [_finish(e, full_s, full_macs) for e in entries]
     return rows
 
 
