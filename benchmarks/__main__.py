@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import peers, scaling, speed, train
-from .common import RESULTS, machine, save
+from .common import RESULTS, machine, save, track_freed_memory
 from .profile import profile_low_efficiency
 
 SECTIONS = ("speed", "peers", "train", "scaling")
@@ -59,7 +59,7 @@ def cpu_set(args) -> dict:
         save("train", {"rows": rows}, train.table(rows), args.out)
         md += ["## Router-training throughput", train.table(rows)]
     if "scaling" in args.only:
-        rows = scaling.run(repeats=max(2, args.repeats - 1))
+        rows = scaling.run(repeats=args.repeats)
         png = scaling.plot(rows, args.out / "scaling.png")
         out["scaling"] = rows
         save("scaling", {"rows": rows, "png": png.name}, scaling.table(rows), args.out)
@@ -116,6 +116,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    track_freed_memory()
     dev = torch.device("cuda" if args.set == "gpu" else "cpu")
     t0 = time.perf_counter()
     before = machine(dev)

@@ -42,6 +42,18 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 # ============================================================================================ memory
+def track_freed_memory(threshold: int = 128 * 1024) -> bool:
+    """Make the CPU peak-memory figure honest: glibc's *dynamic* mmap threshold grows after a large block
+    is freed, so later tensors come from the heap, stay resident and an RSS delta reads 0. A fixed
+    threshold keeps large tensors mmapped (returned to the OS when freed). Linux/glibc only; True if set."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
