@@ -63,7 +63,7 @@ def cpu_set(args) -> dict:
         png = scaling.plot(rows, args.out / "scaling.png")
         out["scaling"] = rows
         save("scaling", {"rows": rows, "png": png.name}, scaling.table(rows), args.out)
-        md += ["## Scaling", f"![scaling]({png.name})", scaling.table(rows)]
+        md += ["## Scaling", scaling.table(rows)]
     return {"sections": out, "markdown": md}
 
 
@@ -126,12 +126,26 @@ def main(argv=None) -> None:
     meta = {"command": f"python -m benchmarks {' '.join(argv) if argv else args.set}", "wall_s": wall,
             "machine_start": before, "machine_end": after}
     name = "summary" if args.set == "cpu" else "summary_gpu"
-    head = (f"# Benchmarks ({args.set})\n\nMachine: {before['nproc']} cores, {before['cpu']}, torch "
-            f"{before['torch']}, {before['torch_threads']} threads; load average (1/5/15 min) at start "
-            f"{before['loadavg_1_5_15']}, at end {after['loadavg_1_5_15']}. Wall time {wall} s.\n")
+    head = (f"Machine: {before['nproc']} cores, {before['cpu']}, torch {before['torch']}, "
+            f"{before['torch_threads']} threads; load average (1/5/15 min) at start {before['loadavg_1_5_15']}, "
+            f"at end {after['loadavg_1_5_15']}. Wall time {wall} s. Command: `{meta['command']}`.")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, **res["sections"]}, indent=2, default=str))
-    (args.out / f"{name}.md").write_text(head + "\n" + "\n\n".join(res["markdown"]) + "\n")
+    meta_path = args.out / f"{name}.json"
+    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    runs = {**old.get("runs", {}), **{sec: {**meta, "head": head} for sec in res["sections"]}}
+    meta_path.write_text(json.dumps({"runs": runs, **{k: v for k, v in old.items() if k != "runs"},
+                                     **res["sections"]}, indent=2, default=str))
+    # summary.md collects the latest run of every section (a run with --only replaces just its sections)
+    suffix = "" if args.set == "cpu" else "_gpu"
+    titles = {"speed": "Sampling speed", "peers": "Peers (same weights)", "train": "Router-training throughput",
+              "scaling": "Scaling"}
+    parts = [f"# Benchmarks ({args.set})"]
+    for sec in SECTIONS:
+        md_path = args.out / f"{sec}{suffix}.md"
+        if md_path.exists() and sec in runs:
+            extra = "![scaling](scaling.png)\n\n" if sec == "scaling" else ""
+            parts.append(f"## {titles[sec]}\n\n{runs[sec]['head']}\n\n{extra}{md_path.read_text()}")
+    (args.out / f"{name}.md").write_text("\n\n".join(parts))
     print(f"wrote {args.out / (name + '.md')} in {wall} s", flush=True)
 
 
