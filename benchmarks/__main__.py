@@ -68,8 +68,6 @@ def cpu_set(args) -> dict:
 
 
 def gpu_set(args) -> dict:
-    if not torch.cuda.is_available():
-        raise SystemExit("bench-gpu needs a CUDA device; none is visible (run `make bench` for the CPU set)")
     torch.backends.cuda.matmul.allow_tf32 = True
     arch = "DiT-XL/2" if args.arch == "DiT-S/2" else args.arch
     out, md = {}, []
@@ -117,6 +115,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     track_freed_memory()
+    if args.set == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("bench-gpu needs a CUDA device; none is visible (run `make bench` for the CPU set)")
     dev = torch.device("cuda" if args.set == "gpu" else "cpu")
     t0 = time.perf_counter()
     before = machine(dev)
