@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -123,7 +124,8 @@ def main(argv=None) -> None:
     res = cpu_set(args) if args.set == "cpu" else gpu_set(args)
     after = machine(dev)
     wall = round(time.perf_counter() - t0, 1)
-    meta = {"command": f"python -m benchmarks {' '.join(argv) if argv else args.set}", "wall_s": wall,
+    given = sys.argv[1:] if argv is None else list(argv)
+    meta = {"command": "python -m benchmarks " + " ".join(given or [args.set]), "wall_s": wall,
             "machine_start": before, "machine_end": after}
     name = "summary" if args.set == "cpu" else "summary_gpu"
     head = (f"Machine: {before['nproc']} cores, {before['cpu']}, torch {before['torch']}, "
