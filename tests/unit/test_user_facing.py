@@ -131,16 +131,15 @@ def test_sweep_table_lists_failed_runs_and_only_reported_columns(tmp_path):
 
 
 def test_benchmark_rows_use_evaluate_names(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["speed", "--arch", "tiny_dit", "--steps", "6", "--batch", "1", "--policies", "fora", "--repeats", "1",
-                "--device", "cpu", "--out", str(tmp_path / "rows.json")])
-    (row,) = json.loads((tmp_path / "rows.json").read_text())
-    assert {"macs_fraction", "speedup_macs", "flops_fraction", "speedup_flops", "latency_cached_s", "latency_full_s",
-            "speedup_latency"} <= set(row)
-    assert 0 < row["flops_fraction"] < 1 < row["speedup_flops"]  # fraction = cached / full, speedup = full / cached
-    assert row["speedup_flops"] == pytest.approx(1 / row["flops_fraction"], rel=2e-3)  # both rounded to 3 places
+    from benchmarks import speed
+
+    rows = speed.run(arch="tiny_dit", steps=6, batches=(1,), repeats=1, compile_modes=(), routers=None,
+                     policies=("fora",))
+    row = next(r for r in rows if r["policy"] == "fora")
+    assert {"macs_fraction", "speedup_macs", "speedup_latency", "efficiency"} <= set(row)
+    assert 0 < row["macs_fraction"] < 1 < row["speedup_macs"]  # fraction = cached / full, speedup = full / cached
+    assert row["speedup_macs"] == pytest.approx(1 / row["macs_fraction"], rel=2e-3)  # both rounded
+    assert row["efficiency"] == pytest.approx(row["speedup_latency"] / row["speedup_macs"], rel=5e-3)
 
 
 def test_user_errors_catch_input_errors_only(capsys, tmp_path, monkeypatch):

@@ -156,7 +156,8 @@ class DiT(CachedBackbone):
         y = torch.as_tensor(y, device=x.device).long()
         if y.shape != (B,):
             raise ValueError(f"DiT expects labels of shape ({B},), got {tuple(y.shape)}")
-        if (y < 0).any() or (y > self.num_classes).any():
+        # a host read of the labels; skipped while torch.compile traces (it would split the graph in two)
+        if not torch.compiler.is_compiling() and ((y < 0).any() or (y > self.num_classes).any()):
             raise ValueError(f"DiT labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)

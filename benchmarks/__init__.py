@@ -1,0 +1,1 @@
+"""Speed benchmarks (``python -m benchmarks cpu|gpu``); see ``benchmarks/__main__.py``."""

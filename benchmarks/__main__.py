@@ -1,0 +1,155 @@
+"""Benchmarks: ``python -m benchmarks cpu|gpu [--full] [--only speed peers train scaling]``.
+
+``cpu`` (``make bench``): DiT-S/2 random weights, DDIM-10 with CFG 1.5 (DDIM-20 and 50 with --full), batch 1
+and 8 (32 with --full),
+eager and torch.compile (inductor, batch 1; all batches with --full); peers (ours vs diffusers DiT and
+PixArt forward, cache-dit DBCache); router-training throughput; scaling PNG. ``gpu`` (``make bench-gpu``):
+DiT-XL/2 with the released routers, bf16, batch 1/8/32, compile; peers at bf16; training at batch 8/64
+with MFU. Everything lands in ``benchmarks/results/`` as JSON + Markdown (``summary.md`` collects it).
+Figures are ratios measured in one run on whatever machine ran it; nothing here asserts a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import peers, scaling, speed, train
+from .common import RESULTS, machine, save, track_freed_memory
+from .profile import profile_low_efficiency
+
+SECTIONS = ("speed", "peers", "train", "scaling")
+
+
+def cpu_set(args) -> dict:
+    out, md = {}, []
+    batches = (1, 8, 32) if args.full else (1, 8)
+    if "speed" in args.only:
+        rows = []
+        for steps in ((20, 50) if args.full else (args.steps,)):
+            rows += speed.run(args.arch, steps=steps, batches=batches, device="cpu", guidance=args.guidance,
+                              repeats=args.repeats, compile_modes=() if args.no_compile else ("regional", "whole"),
+                              compile_batches=batches if args.full else (1,),
+                              whole_policies=("full", "l2c", "toca", "fora") if args.full else ("full",),
+                              regional_policies=("full", "l2c", "toca", "fora") if args.full else ("full", "l2c", "fora"))
+        profs = profile_low_efficiency(rows, args.profile_below, args.out, args.guidance)
+        out["speed"] = {"rows": rows, "profiles": profs}
+        text = speed.table(rows)
+        if profs:
+            text += "\n\nProfiles (rows with efficiency < %.2f): " % args.profile_below + "; ".join(
+                f"{p['label']}: {p['unaccounted_frac']:.0%} of wall time outside aten ops, top "
+                + ", ".join(f"{o['op']} {o['share']:.0%}" for o in p["top_ops"][:3]) + f" ({p['file']})" for p in profs)
+        save("speed", out["speed"], text, args.out)
+        md += ["## Sampling speed", text]
+    if "peers" in args.only:
+        rows = peers.dit_forward(args.arch, batches=(1, 8), repeats=args.repeats + 2)
+        rows += peers.pixart_forward(batches=(1, 8), repeats=args.repeats + 2)
+        cdit = peers.cache_dit(args.arch, steps=20 if args.full else args.steps, guidance=args.guidance)
+        out["peers"] = {"rows": rows, "cache_dit": cdit}
+        text = peers.table(rows, cdit)
+        save("peers", out["peers"], text, args.out)
+        md += ["## Peers (same weights)", text]
+    if "train" in args.only:
+        cfgs = (("tiny_dit", 8), (args.arch, 2), (args.arch, 8))
+        rows = train.run(cfgs, device="cpu", repeats=args.repeats)
+        out["train"] = rows
+        save("train", {"rows": rows}, train.table(rows), args.out)
+        md += ["## Router-training throughput", train.table(rows)]
+    if "scaling" in args.only:
+        rows = scaling.run(repeats=args.repeats)
+        png = scaling.plot(rows, args.out / "scaling.png")
+        out["scaling"] = rows
+        save("scaling", {"rows": rows, "png": png.name}, scaling.table(rows), args.out)
+        md += ["## Scaling", scaling.table(rows)]
+    return {"sections": out, "markdown": md}
+
+
+def gpu_set(args) -> dict:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    arch = "DiT-XL/2" if args.arch == "DiT-S/2" else args.arch
+    out, md = {}, []
+    if "speed" in args.only:
+        rows = []
+        for steps in (20, 50):
+            rows += speed.run(arch, steps=steps, batches=(1, 8, 32), device="cuda", guidance=args.guidance,
+                              repeats=args.repeats, compile_modes=() if args.no_compile else ("regional", "whole"),
+                              compile_batches=(8,), whole_policies=("full", "l2c", "toca", "fora"), bf16=True)
+        out["speed"] = {"rows": rows}
+        save("speed_gpu", out["speed"], speed.table(rows), args.out)
+        md += ["## Sampling speed (GPU, bf16)", speed.table(rows)]
+    if "peers" in args.only:
+        rows = peers.dit_forward(arch, batches=(1, 8), device="cuda", repeats=args.repeats + 5)
+        rows += peers.pixart_forward(batches=(1, 8), device="cuda", repeats=args.repeats + 5, depth=28, heads=16,
+                                     head_dim=72)
+        out["peers"] = {"rows": rows}
+        save("peers_gpu", out["peers"], peers.table(rows), args.out)
+        md += ["## Peers (GPU, fp32)", peers.table(rows)]
+    if "train" in args.only:
+        rows = train.run(((arch, 8), (arch, 64)), device="cuda", bf16=True, repeats=args.repeats,
+                         peak_tflops=args.peak_tflops)
+        out["train"] = rows
+        save("train_gpu", {"rows": rows}, train.table(rows), args.out)
+        md += ["## Router-training throughput (GPU, bf16 autocast)", train.table(rows)]
+    return {"sections": out, "markdown": md}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("set", nargs="?", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--full", action="store_true", help="cpu: batch 32, DDIM-50 too, compile every batch and policy")
+    p.add_argument("--only", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--arch", default="DiT-S/2")
+    p.add_argument("--steps", type=int, default=10, help="cpu: DDIM steps of the quick set (--full: 20 and 50)")
+    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile-below", type=float, default=0.8, help="profile eager rows with efficiency below this")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    track_freed_memory()
+    if args.set == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("bench-gpu needs a CUDA device; none is visible (run `make bench` for the CPU set)")
+    dev = torch.device("cuda" if args.set == "gpu" else "cpu")
+    t0 = time.perf_counter()
+    before = machine(dev)
+    res = cpu_set(args) if args.set == "cpu" else gpu_set(args)
+    after = machine(dev)
+    wall = round(time.perf_counter() - t0, 1)
+    given = sys.argv[1:] if argv is None else list(argv)
+    meta = {"command": "python -m benchmarks " + " ".join(given or [args.set]), "wall_s": wall,
+            "machine_start": before, "machine_end": after}
+    name = "summary" if args.set == "cpu" else "summary_gpu"
+    head = (f"Machine: {before['nproc']} cores, {before['cpu']}, torch {before['torch']}, "
+            f"{before['torch_threads']} threads; load average (1/5/15 min) at start {before['loadavg_1_5_15']}, "
+            f"at end {after['loadavg_1_5_15']}. Wall time {wall} s. Command: `{meta['command']}`.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta_path = args.out / f"{name}.json"
+    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    runs = {**old.get("runs", {}), **{sec: {**meta, "head": head} for sec in res["sections"]}}
+    meta_path.write_text(json.dumps({"runs": runs, **{k: v for k, v in old.items() if k != "runs"},
+                                     **res["sections"]}, indent=2, default=str))
+    # summary.md collects the latest run of every section (a run with --only replaces just its sections)
+    suffix = "" if args.set == "cpu" else "_gpu"
+    titles = {"speed": "Sampling speed", "peers": "Peers (same weights)", "train": "Router-training throughput",
+              "scaling": "Scaling"}
+    parts = [f"# Benchmarks ({args.set})"]
+    for sec in SECTIONS:
+        md_path = args.out / f"{sec}{suffix}.md"
+        if md_path.exists() and sec in runs:
+            extra = "![scaling](scaling.png)\n\n" if sec == "scaling" else ""
+            parts.append(f"## {titles[sec]}\n\n{runs[sec]['head']}\n\n{extra}{md_path.read_text()}")
+    (args.out / f"{name}.md").write_text("\n\n".join(parts))
+    print(f"wrote {args.out / (name + '.md')} in {wall} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

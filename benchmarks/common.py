@@ -1,0 +1,152 @@
+"""Shared pieces of the benchmarks: timing, peak memory, the machine, and writing JSON + Markdown.
+
+Benchmarks print and save ratios; they never assert timings (the machine is shared and noisy).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from diffcache.metrics.latency import measure  # noqa: F401  (re-exported for the sections)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ============================================================================================ machine
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on (threads and load matter on a shared machine)."""
+    info = {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ============================================================================================ memory
+def track_freed_memory(threshold: int = 128 * 1024) -> bool:
+    """Make the CPU peak-memory figure honest: glibc's *dynamic* mmap threshold grows after a large block
+    is freed, so later tensors come from the heap, stay resident and an RSS delta reads 0. A fixed
+    threshold keeps large tensors mmapped (returned to the OS when freed). Linux/glibc only; True if set."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device, interval_s: float = 0.002) -> tuple[object, float]:
+    """(result, peak MiB) of one call: CUDA ``max_memory_allocated`` above the start, or on CPU the
+    resident-set peak above the start, sampled every ``interval_s`` by a thread (tracemalloc does not
+    see torch's C allocations; ``ru_maxrss`` is a lifetime high-water mark, useless after the first run)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(interval_s)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        th.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return out, (peak[0] - base) / 2**20
+
+
+# ============================================================================================ timing
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
+          warm: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median (min-max) seconds over ``repeats`` calls after ``warmup`` calls (or one cheap ``warm()``);
+    the peak memory is the largest of the timed calls (the RSS watcher costs one thread's polling)."""
+    if warm is not None:
+        warm()
+    for _ in range(warmup):
+        fn()
+    times, mems = [], []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        _, mem = peak_memory(fn, device)
+        times.append(time.perf_counter() - t0)
+        mems.append(mem)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats,
+            "peak_mib": max(mems)}
+
+
+def fmt_latency(r: dict) -> str:
+    return f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f})"
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+# ============================================================================================ output
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table of ``rows`` with (header, key) columns; floats to 3 significant places."""
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    head = "| " + " | ".join(h for h, _ in columns) + " |"
+    sep = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(cell(r.get(k)) for _, k in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def save(name: str, payload: dict, markdown: str, out_dir: Path = RESULTS) -> Path:
+    """Write ``<name>.json`` and ``<name>.md`` under ``out_dir``; returns the JSON path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    (out_dir / f"{name}.md").write_text(markdown + "\n")
+    return path
+
+
+def seeded_inputs(model, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The same noise and labels for every row of a table (a CPU generator: identical across devices)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g)
+    y = torch.randint(0, model.null_class, (batch,), generator=g)
+    return noise.to(device, dtype), y.to(device)

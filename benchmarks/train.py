@@ -1,0 +1,107 @@
+"""Router-training throughput: one router-distillation step (``RouterDistill.training_step`` + backward +
+AdamW on the routers), samples/s, peak memory and MFU.
+
+The step is the faithful one (random latents stand in for x0): a recorded full evaluation, the teacher and
+the soft student (3 forwards, CFG-free) plus the backward through the student to the routers (about one
+forward of activation gradients: the backbone is frozen, so no weight gradients). MFU = those analytic
+FLOPs (2 x MACs of 4 forwards) per second over the device peak (``--peak-tflops`` or the table below;
+on CPU no peak is assumed and MFU is left out).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from diffcache.backbones import load_backbone
+from diffcache.metrics.cost import forward_cost
+from diffcache.policies.l2c import L2CPolicy
+from diffcache.solvers import make_solver
+
+from .common import markdown_table, peak_memory
+from diffcache.metrics.latency import measure
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+
+
+def device_peak(dev: torch.device, override: float | None = None) -> float | None:
+    if override:
+        return float(override)
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def step_fn(arch: str, batch: int, dev: torch.device, steps: int = 20, bf16: bool = False, **overrides):
+    """(backbone, one training step as a closure); ``overrides`` go to the backbone factory (input_size, depth)."""
+    from diffcache.modules.router_distill import RouterDistill
+
+    model = load_backbone(arch, random_init=True, **overrides).to(dev)
+    solver = make_solver("ddim", steps, schedule="linear")
+    policy = L2CPolicy(solver=solver, layout=model.layout, init_seed=0, clamp=5.0).to(dev)
+    module = RouterDistill(model, solver, policy, lam=1e-6).to(dev)
+    module.log = module.log_dict = lambda *a, **k: None  # outside a Trainer
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    shape = (batch, model.in_channels, model.input_size, model.input_size)
+    data = {"x0": torch.randn(shape, generator=g).to(dev),
+            "cond": torch.randint(0, model.null_class, (batch,), generator=g).to(dev)}
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = module.training_step(data, 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        policy.clamp_()
+        return loss
+
+    return model, step
+
+
+def run(configs=(("tiny_dit", 8), ("DiT-S/2", 2), ("DiT-S/2", 8)), device: str = "cpu", bf16: bool = False,
+        repeats: int = 3, peak_tflops: float | None = None) -> list[dict]:
+    dev = torch.device(device)
+    peak = device_peak(dev, peak_tflops)
+    rows = []
+    for arch, bs in configs:
+        model, step = step_fn(arch, bs, dev, bf16=bf16)
+        lat = measure(step, repeats=repeats, warmup=1, device=dev)
+        _, mem = peak_memory(step, dev)
+        flops = 2 * 4 * forward_cost(model, "l2c", batch=bs)
+        row = {"arch": arch, "batch": bs, "device": str(dev), "bf16": bf16,
+               "step_s": round(lat["median_s"], 4), "min_s": round(lat["min_s"], 4), "max_s": round(lat["max_s"], 4),
+               "samples_per_s": round(bs / lat["median_s"], 2), "peak_mib": round(mem, 1),
+               "achieved_tflops": round(flops / lat["median_s"] / 1e12, 4),
+               "mfu": round(flops / lat["median_s"] / 1e12 / peak, 3) if peak else None}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model, step
+    rows.append(search_placeholder())
+    return rows
+
+
+def search_placeholder() -> dict:
+    """Hook for the schedule-search helper: time one search run here once ``diffcache`` has one."""
+    try:
+        from diffcache.policies import search
+    except ImportError:
+        return {"arch": "search", "batch": None, "status": "not run: no search module yet "
+                "(hook: benchmarks.train.search_placeholder)"}
+    run_search = getattr(search, "benchmark_run", None)
+    if run_search is None:
+        return {"arch": "search", "status": "search module has no benchmark_run(); nothing timed"}
+    t0 = time.perf_counter()
+    run_search()
+    return {"arch": "search", "status": "ran", "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+COLUMNS = [("arch", "arch"), ("batch", "batch"), ("bf16", "bf16"), ("step s, median", "step_s"),
+           ("samples/s", "samples_per_s"), ("peak MiB", "peak_mib"), ("TFLOP/s", "achieved_tflops"),
+           ("MFU", "mfu"), ("status", "status")]
+
+
+def table(rows: list[dict]) -> str:
+    return markdown_table(rows, COLUMNS)

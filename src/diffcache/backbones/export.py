@@ -1,0 +1,143 @@
+"""Our DiT / PixArt weights -> a diffusers model directory (the inverse of ``convert_diffusers``).
+
+Why: to run the same weights in diffusers (peer benchmarks, cache-dit, a diffusers pipeline). The
+directory holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` and loads both with
+``DiTTransformer2DModel.from_pretrained`` / ``PixArtTransformer2DModel.from_pretrained`` and with
+``load_backbone(arch, ckpt=dir)``.
+
+Numerics (DiT only): diffusers' DiT port embeds timesteps with a frequency shift of 1 (hard-coded) where
+the official DiT uses 0; the block LayerNorm eps is written from our model (1e-6 official), so the only
+difference a diffusers run of official weights shows is that shift. ``load_backbone`` of the directory
+adopts diffusers' numerics, so ours -> dir -> ours is bit-equal in weights, and in outputs for a model
+that already ran diffusers' numerics (``use_diffusers_numerics``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .layers import sincos_pos_embed_2d
+
+DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def _split(t: torch.Tensor, n: int) -> list[torch.Tensor]:
+    return [c.clone() for c in t.chunk(n, dim=0)]
+
+
+def dit_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
+    """(diffusers ``DiTTransformer2DModel`` state dict, config) of our :class:`~diffcache.backbones.dit.DiT`."""
+    sd, cfg = model.state_dict(), model.config
+    heads, hidden = int(cfg["num_heads"]), int(cfg["hidden_size"])
+    if float(cfg.get("mlp_ratio", 4.0)) != 4.0:
+        raise ValueError(f"diffusers' DiT has a fixed MLP ratio of 4; this model has {cfg['mlp_ratio']}")
+    grid = int(cfg["input_size"]) // int(cfg["patch_size"])
+    if not torch.equal(sd["pos_embed"].float().cpu(), sincos_pos_embed_2d(hidden, grid, grid).unsqueeze(0)):
+        raise ValueError("this DiT's pos_embed is not the fixed 2-D sin-cos table; diffusers recomputes that table "
+                         "and cannot store another one")
+    out: dict[str, torch.Tensor] = {}
+
+    def pair(theirs: str, ours: str) -> None:
+        for s in ("weight", "bias"):
+            out[f"{theirs}.{s}"] = sd[f"{ours}.{s}"].clone()
+
+    pair("pos_embed.proj", "x_embedder.proj")
+    for i in range(int(cfg["depth"])):
+        src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
+        emb = f"{dst}.norm1.emb"  # diffusers keeps a copy of the shared embedders in every block
+        pair(f"{emb}.timestep_embedder.linear_1", "t_embedder.mlp.0")
+        pair(f"{emb}.timestep_embedder.linear_2", "t_embedder.mlp.2")
+        out[f"{emb}.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"].clone()
+        pair(f"{dst}.norm1.linear", f"{src}.adaLN_modulation.1")
+        for s in ("weight", "bias"):
+            for name, part in zip("qkv", _split(sd[f"{src}.attn.qkv.{s}"], 3)):
+                out[f"{dst}.attn1.to_{name}.{s}"] = part
+        pair(f"{dst}.attn1.to_out.0", f"{src}.attn.proj")
+        pair(f"{dst}.ff.net.0.proj", f"{src}.mlp.fc1")
+        pair(f"{dst}.ff.net.2", f"{src}.mlp.fc2")
+    pair("proj_out_1", "final_layer.adaLN_modulation.1")
+    pair("proj_out_2", "final_layer.linear")
+    config = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": heads,
+              "attention_head_dim": hidden // heads, "in_channels": int(cfg["in_channels"]),
+              "out_channels": int(model.out_channels), "num_layers": int(cfg["depth"]),
+              "sample_size": int(cfg["input_size"]), "patch_size": int(cfg["patch_size"]),
+              "num_embeds_ada_norm": int(cfg["num_classes"]), "norm_type": "ada_norm_zero",
+              "norm_eps": float(model.blocks[0].norm1.eps), "activation_fn": "gelu-approximate",
+              "attention_bias": True, "norm_elementwise_affine": False, "dropout": 0.0, "upcast_attention": False}
+    return out, config
+
+
+def pixart_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
+    """(diffusers ``PixArtTransformer2DModel`` state dict, config) of our PixArt-alpha (256/512).
+
+    The null caption is kept as ``caption_projection.y_embedding`` (older conversions did the same; our
+    loader reads it back), unless it is the NaN placeholder of a model that came from diffusers.
+    """
+    sd, cfg = model.state_dict(), model.config
+    heads, hidden = int(cfg["num_heads"]), int(cfg["hidden_size"])
+    out: dict[str, torch.Tensor] = {}
+
+    def pair(theirs: str, ours: str) -> None:
+        for s in ("weight", "bias"):
+            out[f"{theirs}.{s}"] = sd[f"{ours}.{s}"].clone()
+
+    pair("pos_embed.proj", "x_embedder.proj")
+    pair("adaln_single.emb.timestep_embedder.linear_1", "t_embedder.mlp.0")
+    pair("adaln_single.emb.timestep_embedder.linear_2", "t_embedder.mlp.2")
+    pair("adaln_single.linear", "t_block.1")
+    pair("caption_projection.linear_1", "y_embedder.y_proj.fc1")
+    pair("caption_projection.linear_2", "y_embedder.y_proj.fc2")
+    for i in range(int(cfg["depth"])):
+        src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
+        out[f"{dst}.scale_shift_table"] = sd[f"{src}.scale_shift_table"].clone()
+        for s in ("weight", "bias"):
+            for name, part in zip("qkv", _split(sd[f"{src}.attn.qkv.{s}"], 3)):
+                out[f"{dst}.attn1.to_{name}.{s}"] = part
+            for name, part in zip("kv", _split(sd[f"{src}.cross_attn.kv_linear.{s}"], 2)):
+                out[f"{dst}.attn2.to_{name}.{s}"] = part
+        pair(f"{dst}.attn1.to_out.0", f"{src}.attn.proj")
+        pair(f"{dst}.attn2.to_q", f"{src}.cross_attn.q_linear")
+        pair(f"{dst}.attn2.to_out.0", f"{src}.cross_attn.proj")
+        pair(f"{dst}.ff.net.0.proj", f"{src}.mlp.fc1")
+        pair(f"{dst}.ff.net.2", f"{src}.mlp.fc2")
+    pair("proj_out", "final_layer.linear")
+    out["scale_shift_table"] = sd["final_layer.scale_shift_table"].clone()
+    null = sd.get("y_embedder.y_embedding")
+    if null is not None and not torch.isnan(null).any():
+        out["caption_projection.y_embedding"] = null.clone()
+    config = {"_class_name": "PixArtTransformer2DModel", "num_attention_heads": heads,
+              "attention_head_dim": hidden // heads, "in_channels": int(cfg["in_channels"]),
+              "out_channels": int(model.out_channels), "num_layers": int(cfg["depth"]),
+              "cross_attention_dim": hidden, "attention_bias": True, "sample_size": int(cfg["input_size"]),
+              "patch_size": int(cfg["patch_size"]), "activation_fn": "gelu-approximate",
+              "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single", "norm_elementwise_affine": False,
+              "norm_eps": 1e-6, "caption_channels": int(cfg["caption_channels"]),
+              "interpolation_scale": float(cfg["lewei_scale"]), "use_additional_conditions": False}
+    return out, config
+
+
+def to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
+    family = getattr(model, "family", None)
+    if family == "dit":
+        return dit_to_diffusers(model)
+    if family == "pixart":
+        return pixart_to_diffusers(model)
+    raise ValueError(f"diffusers export supports DiT and PixArt backbones, not {type(model).__name__} "
+                     f"(family {family!r})")
+
+
+def save_diffusers(model, out_dir: str | Path) -> Path:
+    """Write ``model`` as a diffusers model directory (``config.json`` + safetensors); returns the directory."""
+    from safetensors.torch import save_file
+
+    sd, config = to_diffusers(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / DIFFUSERS_FILE))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+__all__ = ["DIFFUSERS_FILE", "dit_to_diffusers", "pixart_to_diffusers", "save_diffusers", "to_diffusers"]
