@@ -104,3 +104,19 @@ def test_sharded_evaluation_is_rank_independent_and_resumes(tmp_path):
     assert c["samples_sha256"] == a["samples_sha256"]
     x = torch.load(tmp_path / "one" / "samples.pt")
     assert hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest() == a["samples_sha256"]
+
+
+def test_evaluate_reports_quality_with_an_injected_extractor(tmp_path):
+    from hydra_utils import ROOT
+
+    byo = ROOT / "tests" / "byo"
+    cfg = compose_cfg("evaluate", [f"hydra.searchpath=[file://{byo / 'conf'}]", "backbone=tiny_dit",
+                                   "backbone.overrides={in_channels:1}", "policy=fora", "metrics=tiny", *EVAL,
+                                   "eval.num_samples=6"], tmp_path)
+    res = evaluate(cfg)
+    assert {"tiny_fid", "tiny_is", "psnr", "mse"} <= set(res) and res["tiny_fid"] > 0 and res["tiny_is"] >= 1
+    assert json.loads((tmp_path / "summary.json").read_text())["tiny_fid"] == res["tiny_fid"]
+    cfg = compose_cfg("evaluate", [f"hydra.searchpath=[file://{byo / 'conf'}]", "backbone=tiny_dit", "policy=fora",
+                                   "metrics=tiny", *EVAL], tmp_path / "latent")
+    with pytest.raises(ValueError, match="needs images"):
+        evaluate(cfg)

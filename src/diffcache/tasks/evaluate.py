@@ -80,6 +80,22 @@ def _sharded(cfg, backbone, solver, policy, guidance, conditioning, out_dir):
     return gather(out_dir, int(cfg.eval.num_samples))["samples"]
 
 
+def _quality(cfg, cached: torch.Tensor, full: torch.Tensor | None) -> dict:
+    """FID / IS / precision-recall of the cached set (and PSNR to the uncached one) with ``metrics.quality``."""
+    from hydra.utils import instantiate
+
+    vae, scale = cfg.backbone.get("vae"), float(cfg.backbone.get("vae_scale") or 0.18215)
+    if cached.shape[1] not in (1, 3) and not vae:
+        raise ValueError(f"metrics={cfg.metrics.get('name', 'on')} needs images: the backbone samples "
+                         f"{cached.shape[1]}-channel latents; set backbone.vae=/path/to/AutoencoderKL")
+    quality = instantiate(cfg.metrics.quality)
+    bs = int(cfg.eval.batch_size)
+    for i in range(0, len(cached), bs):
+        images = [None if x is None else decode(x[i:i + bs], vae, scale) * 2 - 1 for x in (cached, full)]
+        quality.update(*images)
+    return quality.compute()
+
+
 def _sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -128,6 +144,8 @@ def evaluate(cfg: DictConfig) -> dict:
         mse = (cached - full).pow(2).mean().item()
         peak = full.abs().max().item()
         result.update({"mse_vs_full": mse, "psnr_vs_full_db": 10 * math.log10(peak ** 2 / max(mse, 1e-30))})
+    if cfg.get("metrics"):
+        result.update(_quality(cfg, cached, full))
     if int(cfg.eval.latency_repeats) > 0:
         result.update(_latency(cfg, backbone, solver, policy, guidance, device, conditioning))
     if cfg.eval.save_grid:
