@@ -208,7 +208,7 @@ def test_partial_recompute_equals_full_recompute_on_selected_tokens():
     k = pol.schedule(10).k(1, 0, "mlp")
     assert k == N // 2
     for b in range(B):
-        fresh = torch.isclose(m1[b], full[b], atol=1e-6).all(-1)
+        fresh = torch.isclose(m1[b], full[b], atol=1e-4).all(-1)  # fp32 round-off ~1e-7 vs O(1) for stale tokens
         kept = torch.equal(m1[b][~fresh], m0[b][~fresh])
         assert int(fresh.sum()) == k and kept
         stale = pol._stale[("all", 0, "mlp")][b]
@@ -234,7 +234,7 @@ def test_partial_cross_attention_and_shared_selection_for_cfg_halves():
     pol.begin(_ctx(1, layout="uncond_cond"))
     c1 = pol.site(0, "xattn", xa, x1, y, mask)
     full = xa(x1, y, mask)
-    fresh = torch.isclose(c1, full, atol=1e-6).all(-1)  # (B, N)
+    fresh = torch.isclose(c1, full, atol=1e-4).all(-1)  # (B, N); round-off ~1e-7 vs O(1) when stale
     assert (fresh.sum(1) == N // 2).all()
     assert torch.equal(fresh[:2], fresh[2:])  # cond and uncond halves select the same tokens
     assert torch.equal(c1[~fresh], c0[~fresh])
@@ -261,7 +261,7 @@ def test_uvit_prefix_tokens_always_recomputed():
     m1 = pol.site(0, "mlp", mlp, h1)
     full = mlp(h1)
     torch.testing.assert_close(m1[:, :P], full[:, :P])  # prefix: always
-    fresh = torch.isclose(m1[:, P:], full[:, P:], atol=1e-6).all(-1)
+    fresh = torch.isclose(m1[:, P:], full[:, P:], atol=1e-4).all(-1)  # round-off vs O(1)
     assert (fresh.sum(1) == N // 2).all()
     # k = 0: the prefix is still recomputed
     pol2 = ToCaPolicy("uvit_dpm20", fresh_ratio=0.0, fresh_threshold=1000)
