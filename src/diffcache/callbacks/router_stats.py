@@ -7,6 +7,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ..utils.figures import save_figure
+
 
 def router_heatmap(betas: torch.Tensor, row_labels: list[str], path: str | Path, title: str = "",
                    site_labels: list[str] | None = None, theta: float | None = None) -> Path:
@@ -36,11 +38,7 @@ def router_heatmap(betas: torch.Tensor, row_labels: list[str], path: str | Path,
         fig.colorbar(im, ax=ax, fraction=0.03)
     fig.suptitle(title or "router: 1 compute, 0 reuse", fontsize=8, wrap=True)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 class RouterStats(L.Callback):

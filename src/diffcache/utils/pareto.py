@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .figures import save_figure
+
 # the first of these that the runs report is the quality axis; True = higher is better
 QUALITY = [("val/mnist_fid", False), ("val/fid", False), ("psnr_vs_full_db", True), ("val/psnr", True),
            ("mse_vs_full", False), ("train/mse", False)]
@@ -44,7 +46,4 @@ def pareto_png(rows: list[dict], path: str | Path) -> Path | None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{len(ok)} runs", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...utils.figures import save_figure
+
 
 def schedule_heatmap(table, reuse: np.ndarray, path, title: str = "") -> Path:
     """Left: log10 of the error table (cache evaluation x site); right: the mask (white = compute, black = reuse)."""
@@ -28,8 +30,4 @@ def schedule_heatmap(table, reuse: np.ndarray, path, title: str = "") -> Path:
         ax.set_xlabel("site (layer.branch)")
     axes[0].set_ylabel("cache evaluation")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
