@@ -49,7 +49,7 @@ def load_backbone(arch: str, ckpt: str | None = None, random_init: bool = False,
     """
     _populate()
     if not ckpt and not random_init and not arch.startswith("tiny") and arch in REGISTRY:
-        family = "uvit" if arch.startswith("U-ViT") else "pixart" if arch.startswith("PixArt") else "dit"
+        family = "uvit" if arch.startswith("U-ViT") or "uvit" in arch else "pixart" if arch.startswith("PixArt") else "dit"
         raise ValueError(  # before building: a 675M-parameter init takes seconds for nothing
             f"backbone {arch} needs its pretrained weights: pass backbone.ckpt=/path/to/file "
             f"({WHERE_TO_GET[family]}); nothing is downloaded at run time. "

@@ -4,7 +4,7 @@ It maps evaluation ``k`` to the backbone's time input, splits DiT/PixArt learned
 eps <-> x0 with the solver's (alpha, sigma), and applies each family's classifier-free-guidance
 convention exactly as the reference code does:
 
-* DiT (``forward_with_cfg``): one batch ``[cond; uncond]``; ``u + s (c - u)`` on the first 3 channels
+* DiT (``forward_with_cfg``): one batch ``[cond; uncond]``; ``u + s (c - u)`` on the first min(3, C) channels
   only (a DiT legacy quirk kept for faithfulness); the other channels come from the cond half.
 * U-ViT: two passes, cond then uncond; ``c + s (c - u)`` (s = 0.4 means w = 1.4).
 * PixArt (DPM-Solver ``model_wrapper``): one batch ``[uncond; cond]``; ``u + s (c - u)`` on eps.
@@ -74,8 +74,9 @@ class Denoiser:
             first, second = raw[:B], raw[B:]
             c, u = (first, second) if layout == "cond_uncond" else (second, first)
             if self.family == "dit":
-                guided = u[:, :3] + s * (c[:, :3] - u[:, :3])
-                eps = torch.cat([guided, c[:, 3:C]], dim=1)
+                g = min(3, C)  # DiT guides the first 3 channels (of 4); a 1-channel model: its only one
+                guided = u[:, :g] + s * (c[:, :g] - u[:, :g])
+                eps = torch.cat([guided, c[:, g:C]], dim=1)
             else:
                 eps = u[:, :C] + s * (c[:, :C] - u[:, :C])
             var = c[:, C:] if c.shape[1] > C else None
