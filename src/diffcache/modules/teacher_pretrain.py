@@ -81,7 +81,7 @@ class TeacherPretrain(L.LightningModule):
         fn = self.diffusion.dit_loss if self.backbone.family == "dit" else self.diffusion.uvit_loss
         out = fn(self.backbone, x0, y, t, noise)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=x0.shape[0])
-        self.last_losses = {k: float(v) for k, v in out.items()}
+        self.last_losses = {k: float(v.detach()) for k, v in out.items()}
         return out["loss"]
 
     @torch.no_grad()
@@ -109,7 +109,7 @@ class TeacherPretrain(L.LightningModule):
         b = self.ema
         noise = torch.randn((len(y), b.in_channels, b.input_size, b.input_size), generator=g).to(self.device)
         x = sample(b, grid_solver(b, self.schedule, time_input=self.time_input), None, noise, y, self.guidance)
-        if self.out_dir is not None and self.trainer.is_global_zero:
+        if self.out_dir is not None and (self._trainer is None or self.trainer.is_global_zero):
             grid_dir = self.out_dir / "grids"
             grid_dir.mkdir(parents=True, exist_ok=True)
             path = grid_dir / f"{Path(self.export_name).stem}_step{self.global_step:06d}.png"
