@@ -57,7 +57,7 @@ def sha256(path: Path) -> str:
 def write_record(name: str, record: dict) -> None:
     RECORDS.mkdir(parents=True, exist_ok=True)
     base = {"command": "python " + " ".join([f"scripts/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
-            "commit": git_commit(), "machine": machine()}
+            "commit": START_COMMIT, "machine": machine()}
     path = RECORDS / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     old.update({**base, **record} if "files" in record else record)
@@ -117,6 +117,7 @@ def cmd_manifest(args: list[str]) -> None:
     print(f"manifest -> {out} ({sum(len(e['files']) for e in entries.values())} files)")
 
 
+START_COMMIT = git_commit()  # the code a step runs is the code at its start
 COMMANDS = {"classifier": cmd_classifier, "teacher": cmd_teacher, "evaluate": cmd_evaluate, "manifest": cmd_manifest}
 
 if __name__ == "__main__":

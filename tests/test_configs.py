@@ -62,6 +62,12 @@ def test_module_options(tmp_path, name):
 
     cfg = compose_cfg("train", [f"module={name}"], tmp_path)
     bb, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
+    if name == "teacher_pretrain":  # trains a backbone, not a router (scripts/train_teachers.py)
+        from diffcache.modules.teacher_pretrain import TeacherPretrain
+
+        module = TeacherPretrain(bb, **cfg.module)
+        assert module.lr == cfg.module.lr and module.ema_decay == cfg.module.ema_decay
+        return
     module = RouterDistill(bb, solver, build_policy(cfg.policy, bb, solver), **cfg.module)
     assert module.lr == cfg.module.lr and module.cache_evals
 

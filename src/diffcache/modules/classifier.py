@@ -102,7 +102,7 @@ def train_classifier(epochs: int = 30, batch_size: int = 128, lr: float = 2e-3, 
         if ep % 5 == 4 or ep == epochs - 1:
             log(f"classifier epoch {ep + 1}/{epochs} loss {loss.item():.4f} heldout acc {accuracy(model, xh, yh):.4f}")
     model.eval()
-    figures = {"final_loss": float(loss), "heldout_accuracy": accuracy(model, xh, yh),
+    figures = {"final_loss": float(loss.detach()), "heldout_accuracy": accuracy(model, xh, yh),
                "train_accuracy": accuracy(model, x, y), "epochs": epochs, "wall_s": time.time() - t0}
     return model, figures
 
