@@ -116,13 +116,16 @@ class TeacherPretrain(L.LightningModule):
             save_image((x.clamp(-1, 1) + 1) / 2, str(path), nrow=10, padding=1)
             self.grids.append(str(path))
             self.export(self.out_dir / self.export_name)
+            if self._trainer is not None and self.trainer.log_dir:  # the raw weights too, for diagnosis (not shipped)
+                self.export(Path(self.trainer.log_dir) / f"raw_{self.export_name}", self.backbone)
         return x
 
-    def export(self, path: Path) -> None:
-        """The EMA weights as a plain state dict with the official key names (atomic write)."""
+    def export(self, path: Path, model=None) -> None:
+        """The EMA weights (or ``model``'s) as a plain state dict with the official key names (atomic write)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({k: v.detach().cpu().clone() for k, v in self.ema.state_dict().items()}, tmp)
+        sd = (self.ema if model is None else model).state_dict()
+        torch.save({k: v.detach().cpu().clone() for k, v in sd.items()}, tmp)
         os.replace(tmp, path)
 
 
@@ -152,6 +155,10 @@ def train_teacher(name: str, overrides: list[str] | None, out_dir: Path, log_dir
     cfg = teacher_config(name, overrides)
     L.seed_everything(int(cfg.seed), workers=True)
     backbone = build_backbone(cfg.arch)
+    if cfg.get("init"):  # warm start (stage 2 of the recipe): weights, and so the EMA, start from a state dict
+        from ..backbones import load_checkpoint
+
+        load_checkpoint(backbone, cfg.init)
     module = TeacherPretrain(backbone, out_dir=str(out_dir), export_name=EXPORT_NAMES[backbone.family].format(name=name),
                              **{k: v for k, v in OmegaConf.to_container(cfg).items() if k != "arch"})
     dm = MNISTDataModule(batch_size=int(cfg.batch_size), seed=int(cfg.seed))
