@@ -98,6 +98,7 @@ def cmd_evaluate(args: list[str]) -> None:
     path = RECORDS / f"{name}.json"
     rec = json.loads(path.read_text()) if path.is_file() else {}
     rec.setdefault("evaluation", {}).update(fig)
+    rec["files"] = sorted(set(rec.get("files", [])) | {fig["grid"]})
     rec["evaluate_command"] = "python " + " ".join([f"scripts/{Path(sys.argv[0]).name}"] + sys.argv[1:])
     RECORDS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=2))
