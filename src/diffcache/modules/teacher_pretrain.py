@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ class TeacherPretrain(L.LightningModule):
                  weight_decay: float = 0.0, betas=(0.9, 0.999), warmup_steps: int = 500, ema_decay: float = 0.999,
                  label_drop: float = 0.1, guidance: float | None = None, time_input: str = "scaled",
                  grid_per_class: int = 8, out_dir: str | None = None, export_name: str | None = None,
-                 seed: int = 0, **_: Any):
+                 grid_dir: str | None = None, seed: int = 0, **_: Any):
         super().__init__()
         if backbone.family not in ("dit", "uvit"):
             raise ValueError(f"teacher_pretrain trains DiT or U-ViT backbones, got family {backbone.family!r}")
@@ -57,6 +58,7 @@ class TeacherPretrain(L.LightningModule):
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.ema_decay, self.label_drop, self.grid_per_class, self.seed = ema_decay, label_drop, grid_per_class, seed
         self.out_dir = Path(out_dir) if out_dir else None
+        self.grid_dir = Path(grid_dir) if grid_dir else (self.out_dir / "grids" if self.out_dir else None)
         self.export_name = export_name or EXPORT_NAMES[backbone.family].format(name=getattr(backbone, "arch", "teacher"))
         self.last_losses: dict[str, float] = {}
         self.grids: list[str] = []
@@ -110,9 +112,8 @@ class TeacherPretrain(L.LightningModule):
         noise = torch.randn((len(y), b.in_channels, b.input_size, b.input_size), generator=g).to(self.device)
         x = sample(b, grid_solver(b, self.schedule, time_input=self.time_input), None, noise, y, self.guidance)
         if self.out_dir is not None and (self._trainer is None or self.trainer.is_global_zero):
-            grid_dir = self.out_dir / "grids"
-            grid_dir.mkdir(parents=True, exist_ok=True)
-            path = grid_dir / f"{Path(self.export_name).stem}_step{self.global_step:06d}.png"
+            self.grid_dir.mkdir(parents=True, exist_ok=True)
+            path = self.grid_dir / f"{Path(self.export_name).stem}_step{self.global_step:06d}.png"
             save_image((x.clamp(-1, 1) + 1) / 2, str(path), nrow=10, padding=1)
             self.grids.append(str(path))
             self.export(self.out_dir / self.export_name)
@@ -160,6 +161,7 @@ def train_teacher(name: str, overrides: list[str] | None, out_dir: Path, log_dir
 
         load_checkpoint(backbone, cfg.init)
     module = TeacherPretrain(backbone, out_dir=str(out_dir), export_name=EXPORT_NAMES[backbone.family].format(name=name),
+                             grid_dir=str(Path(log_dir) / "grids"),  # every validation's grid; the last one ships
                              **{k: v for k, v in OmegaConf.to_container(cfg).items() if k != "arch"})
     dm = MNISTDataModule(batch_size=int(cfg.batch_size), seed=int(cfg.seed))
     max_time = None if cfg.max_minutes is None else {"minutes": float(cfg.max_minutes)}
@@ -172,7 +174,10 @@ def train_teacher(name: str, overrides: list[str] | None, out_dir: Path, log_dir
     t0 = time.time()
     trainer.fit(module, dm)
     module.sample_grid()  # the final grid and export (also after a max_time stop)
-    fig = {"files": [module.export_name, Path(module.grids[-1]).relative_to(out_dir).as_posix()],
+    final = Path(out_dir) / "grids" / Path(module.grids[-1]).name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(module.grids[-1], final)
+    fig = {"files": [module.export_name, final.relative_to(out_dir).as_posix()],
            "steps": int(trainer.global_step), "train_wall_s": round(time.time() - t0, 1),
            "final_losses": module.last_losses, "config": OmegaConf.to_container(cfg),
            "params": sum(p.numel() for p in backbone.parameters())}
