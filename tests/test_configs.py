@@ -35,7 +35,7 @@ def test_config_groups_exist_and_every_node_names_its_class(tmp_path):
 @pytest.mark.parametrize("name", options("backbone"))
 def test_backbone_options(tmp_path, name):
     cfg = compose_cfg("train", [f"backbone={name}", "backbone.random_init=true"], tmp_path)
-    tiny = name.startswith(("tiny", "mnist"))
+    tiny = name.startswith(("tiny", "mnist"))  # small: built on CPU (mnist_* load their shipped assets)
     with torch.device("cpu" if tiny else "meta"):
         bb = build_backbone(cfg.backbone)
     assert bb.layout.num_sites == len(bb.cache_sites()) == bb.depth * len(bb.site_kinds)
@@ -80,6 +80,13 @@ def test_policy_options_sample(tmp_path, name):
 @pytest.mark.parametrize("name", options("module"))
 def test_module_options(tmp_path, name):
     cfg = compose_cfg("train", [f"module={name}"], tmp_path)
+    if name == "teacher_pretrain":  # trains a backbone, not a router (scripts/train_teachers.py)
+        from diffcache.modules.teacher_pretrain import TeacherPretrain
+
+        bb = build_backbone(cfg.backbone)
+        module = TeacherPretrain(bb, **{k: v for k, v in cfg.module.items() if not k.startswith("_")})
+        assert module.lr == cfg.module.lr and module.ema_decay == cfg.module.ema_decay
+        return
     bb, solver, policy = build_backbone(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
     module = instantiate(cfg.module)(bb, solver, policy)
     opt = module.configure_optimizers()

@@ -74,6 +74,7 @@ class CachedBackbone(nn.Module):
     toca_preset: str | None = None        # ToCa preset that policy=toca picks for this family
     text_conditioned: bool = False        # cond is {"y": text embeddings, "mask"} rather than class labels
     checkpoint_name: str = "backbone"
+    checkpoint_suffix: str = ".pt"       # official weight files: DiT .pt, U-ViT nnet .pth
     checkpoint_keys: tuple[str, ...] = ("state_dict",)  # wrappers an official file may put the weights under
     num_prefix_tokens: int = 0
     learn_sigma: bool = False

@@ -59,6 +59,7 @@ class UViT(CachedBackbone):
     guidance_off = 0.0        # c + s (c - u): s = 0 is the conditional model
     guidance_from_cond = True
     router_format = "uvit"
+    checkpoint_suffix = ".pth"
     toca_preset = "uvit_dpm20"
     checkpoint_name = "U-ViT nnet"
     site_kinds = ("attn", "mlp")
@@ -241,6 +242,9 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     # CPU tests and demos: 2 in-blocks, 1 mid, 2 out (5 cache layers); 10 classes + null class 10
     "tiny_uvit": dict(img_size=8, patch_size=2, in_chans=4, embed_dim=64, depth=4, num_heads=4,
                       mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=11, conv=True),
+    # the offline demo teacher (assets/mnist_uvit.pth): 32x32 grey pixels, patch 4; 10 classes + null class 10
+    "mnist_uvit": dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4,
+                       mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=11, conv=True),
 }
 _ALIASES = {"U-ViT-H/2-512": "U-ViT-H/4", "U-ViT-L/2-512": "U-ViT-L/4"}
 

@@ -1,0 +1,127 @@
+"""Train the offline demo's MNIST models and write them to ``assets/`` with ``assets/MANIFEST.json``.
+
+    python scripts/train_teachers.py classifier                 # the quality extractor (~4 min on 2 cores)
+    python scripts/train_teachers.py teacher mnist_dit [k=v ..]  # a teacher (module/teacher_pretrain.yaml keys)
+    python scripts/train_teachers.py evaluate mnist_dit          # class accuracy of its CFG samples
+    python scripts/train_teachers.py manifest                    # sha256 + records -> assets/MANIFEST.json
+
+``make teachers`` runs all of them. Each step writes a record (exact command, commit, wall time, machine,
+final losses, accuracy) to ``logs/teachers/<name>.json``; ``manifest`` gathers them with the files' sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+ASSETS = ROOT / "assets"
+RECORDS = ROOT / "logs" / "teachers"
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"nproc": os.cpu_count(), "cpu": cpu, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"], text=True).strip()
+        dirty = subprocess.call(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "src", "scripts", "conf"])
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_record(name: str, record: dict) -> None:
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    base = {"command": "python " + " ".join([f"scripts/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
+            "commit": START_COMMIT, "machine": machine()}
+    path = RECORDS / f"{name}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    old.update({**base, **record} if "files" in record else record)
+    path.write_text(json.dumps(old, indent=2))
+    print(f"record -> {path}")
+
+
+def cmd_classifier(args: list[str]) -> None:
+    import torch
+
+    from diffcache.modules.classifier import train_classifier
+
+    kw = dict(a.split("=", 1) for a in args)
+    epochs = int(kw.get("epochs", 30))
+    t0 = time.time()
+    model, fig = train_classifier(epochs=epochs, seed=int(kw.get("seed", 0)))
+    ASSETS.mkdir(exist_ok=True)
+    out = ASSETS / "mnist_classifier.pt"
+    torch.save(model.state_dict(), out)
+    print(f"classifier: heldout accuracy {fig['heldout_accuracy']:.4f} -> {out}")
+    write_record("mnist_classifier", {"files": [out.name], "wall_s": round(time.time() - t0, 1), **fig})
+
+
+def cmd_teacher(args: list[str]) -> None:
+    from diffcache.modules.teacher_pretrain import train_teacher
+
+    name, overrides = args[0], args[1:]
+    t0 = time.time()
+    fig = train_teacher(name, overrides, out_dir=ASSETS, log_dir=ROOT / "logs" / "teachers" / name)
+    write_record(name, {**fig, "wall_s": round(time.time() - t0, 1)})
+
+
+def cmd_evaluate(args: list[str]) -> None:
+    from diffcache.modules.teacher_eval import evaluate_teacher
+
+    name, kw = args[0], dict(a.split("=", 1) for a in args[1:])
+    fig = evaluate_teacher(name, ASSETS, **kw)
+    path = RECORDS / f"{name}.json"
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    rec.setdefault("evaluation", {}).update(fig)
+    rec["files"] = sorted(set(rec.get("files", [])) | {fig["grid"]})
+    rec["evaluate_command"] = "python " + " ".join([f"scripts/{Path(sys.argv[0]).name}"] + sys.argv[1:])
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=2))
+    print(json.dumps(fig, indent=2))
+
+
+def cmd_manifest(args: list[str]) -> None:
+    entries = {}
+    for rec_path in sorted(RECORDS.glob("*.json")):
+        rec = json.loads(rec_path.read_text())
+        files = {f: {"sha256": sha256(ASSETS / f), "bytes": (ASSETS / f).stat().st_size}
+                 for f in rec.get("files", []) if (ASSETS / f).is_file()}
+        entries[rec_path.stem] = {**rec, "files": files}
+    out = ASSETS / "MANIFEST.json"
+    out.write_text(json.dumps({"note": "written by scripts/train_teachers.py manifest; tests/test_assets.py checks it",
+                               "entries": entries}, indent=2) + "\n")
+    print(f"manifest -> {out} ({sum(len(e['files']) for e in entries.values())} files)")
+
+
+START_COMMIT = git_commit()  # the code a step runs is the code at its start
+COMMANDS = {"classifier": cmd_classifier, "teacher": cmd_teacher, "evaluate": cmd_evaluate, "manifest": cmd_manifest}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        raise SystemExit(f"usage: {sys.argv[0]} {{{'|'.join(COMMANDS)}}} [args]")
+    COMMANDS[sys.argv[1]](sys.argv[2:])

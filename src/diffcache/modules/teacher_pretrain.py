@@ -1,0 +1,188 @@
+"""Teacher pretraining (``module=teacher_pretrain``): train a DiT or U-ViT backbone from scratch on MNIST.
+
+Why: pretrained DiT / U-ViT weights cannot be downloaded here, so the offline demo trains its own small
+teachers. The recipe follows each family's reference: DiT's eps-MSE + variational bound with learned sigma on
+the 1000-step linear schedule; U-ViT's eps-MSE; labels dropped to the null class with ``label_drop`` (0.1) so
+the model also learns the unconditional score for classifier-free guidance; an EMA copy of the weights
+(what is shipped and sampled from, as both references do).
+
+Every validation draws a class-conditional sample grid from the EMA weights with the family's sampler
+(DDIM-20 for DiT, DPM-Solver-2 NFE 20 for U-ViT, CFG on) and exports the EMA state dict as a plain state
+dict with the official key names, which ``backbone.ckpt`` loads strictly.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from .diffusion_loss import GaussianDiffusionLoss
+
+CONF = Path(__file__).resolve().parents[3] / "conf"
+def official_file_name(backbone, name: str) -> str:
+    """The official file name: DiT ships ``.pt``, U-ViT ``nnet`` ``.pth`` (the backbone's checkpoint suffix)."""
+    return f"{name}{backbone.checkpoint_suffix}"
+
+
+def grid_solver(backbone, schedule: str, num_steps: int = 20, time_input: str = "scaled"):
+    """The family's sampler for sample grids: DDIM-20 for learned-sigma DiTs, DPM-Solver-2 with 20 NFE (U-ViT)."""
+    if backbone.learn_sigma:
+        from ..solvers.ddim import DDIM
+
+        return DDIM(num_steps, schedule=schedule)
+    from ..solvers.dpm_solver import DPMSolver2
+
+    return DPMSolver2(num_steps, schedule=schedule, prediction="x0", time_input=time_input)
+
+
+class TeacherPretrain(L.LightningModule):
+    def __init__(self, backbone, schedule: str = "linear", num_train_timesteps: int = 1000, lr: float = 3e-4,
+                 weight_decay: float = 0.0, betas=(0.9, 0.999), warmup_steps: int = 500, ema_decay: float = 0.999,
+                 label_drop: float = 0.1, guidance: float | None = None, time_input: str = "scaled",
+                 grid_per_class: int = 8, out_dir: str | None = None, export_name: str | None = None,
+                 grid_dir: str | None = None, seed: int = 0, **_: Any):
+        super().__init__()
+        if backbone.text_conditioned:
+            raise ValueError(f"teacher_pretrain trains class-conditional backbones, got {type(backbone).__name__}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"module.ema_decay must lie in [0, 1), got {ema_decay}")
+        self.backbone = backbone.train()
+        self.ema = copy.deepcopy(backbone).requires_grad_(False).eval()
+        self.diffusion = GaussianDiffusionLoss(schedule, num_train_timesteps)
+        self.schedule, self.time_input, self.guidance = schedule, time_input, guidance
+        self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        self.ema_decay, self.label_drop, self.grid_per_class, self.seed = ema_decay, label_drop, grid_per_class, seed
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.grid_dir = Path(grid_dir) if grid_dir else (self.out_dir / "grids" if self.out_dir else None)
+        self.export_name = export_name or official_file_name(backbone, getattr(backbone, "arch", "teacher"))
+        self.last_losses: dict[str, float] = {}
+        self.grids: list[str] = []
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW([p for p in self.backbone.parameters() if p.requires_grad], lr=self.lr,
+                                betas=self.betas, weight_decay=self.weight_decay)
+        warm = max(int(self.warmup_steps), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+        if self.label_drop <= 0:
+            return y
+        drop = torch.rand(y.shape, device=y.device) < self.label_drop
+        return torch.where(drop, torch.full_like(y, self.backbone.null_class), y)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        x0, y = batch["x0"], self._drop_labels(batch["cond"])
+        t = self.diffusion.sample_t(x0.shape[0], device=x0.device)
+        noise = torch.randn_like(x0)
+        # learned sigma: DiT/ADM's eps-MSE + L_vlb; otherwise U-ViT's plain eps-MSE
+        fn = self.diffusion.dit_loss if self.backbone.learn_sigma else self.diffusion.uvit_loss
+        out = fn(self.backbone, x0, y, t, noise)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=x0.shape[0])
+        self.last_losses = {k: float(v.detach()) for k, v in out.items()}
+        return out["loss"]
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """EMA of every parameter (DiT's ``update_ema``); buffers are copied."""
+        for pe, p in zip(self.ema.parameters(), self.backbone.parameters()):
+            pe.lerp_(p.detach(), 1.0 - self.ema_decay)
+        for be, b in zip(self.ema.buffers(), self.backbone.buffers()):
+            be.copy_(b)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.sample_grid()
+
+    @torch.no_grad()
+    def sample_grid(self) -> torch.Tensor:
+        """A (grid_per_class x 10) grid from the EMA weights, one column per class; saved as PNG + export."""
+        from torchvision.utils import save_image
+
+        from ..sampling import sample
+
+        n = self.grid_per_class
+        y = torch.arange(10, device=self.device).repeat(n)
+        g = torch.Generator().manual_seed(self.seed + 1234)
+        b = self.ema
+        noise = torch.randn((len(y), b.in_channels, b.input_size, b.input_size), generator=g).to(self.device)
+        x = sample(b, grid_solver(b, self.schedule, time_input=self.time_input), None, noise, y, self.guidance)
+        if self.out_dir is not None and (self._trainer is None or self.trainer.is_global_zero):
+            self.grid_dir.mkdir(parents=True, exist_ok=True)
+            path = self.grid_dir / f"{Path(self.export_name).stem}_step{self.global_step:06d}.png"
+            save_image((x.clamp(-1, 1) + 1) / 2, str(path), nrow=10, padding=1)
+            self.grids.append(str(path))
+            self.export(self.out_dir / self.export_name)
+            if self._trainer is not None and self.trainer.log_dir:  # the raw weights too, for diagnosis (not shipped)
+                self.export(Path(self.trainer.log_dir) / f"raw_{self.export_name}", self.backbone)
+        return x
+
+    def export(self, path: Path, model=None) -> None:
+        """The EMA weights (or ``model``'s) as a plain state dict with the official key names (atomic write)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        sd = (self.ema if model is None else model).state_dict()
+        torch.save({k: v.detach().cpu().clone() for k, v in sd.items()}, tmp)
+        os.replace(tmp, path)
+
+
+def teacher_config(name: str, overrides: list[str] | None = None):
+    """``conf/module/teacher_pretrain.yaml`` merged with the backbone's keys and ``k=v`` overrides."""
+    from omegaconf import OmegaConf
+
+    path = CONF / "backbone" / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no backbone config {path}; teachers are mnist_dit or mnist_uvit")
+    bb = OmegaConf.load(path)
+    mod = OmegaConf.load(CONF / "module" / "teacher_pretrain.yaml")
+    cfg = OmegaConf.merge(mod, {"arch": bb.arch, "schedule": bb.schedule, "time_input": bb.time_input,
+                                "guidance": bb.guidance}, OmegaConf.from_dotlist(list(overrides or [])))
+    return cfg
+
+
+def train_teacher(name: str, overrides: list[str] | None, out_dir: Path, log_dir: Path) -> dict:
+    """Train backbone ``name`` with the teacher recipe; export the EMA weights to ``out_dir``; return figures."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    from ..backbones import build_backbone
+    from ..data.mnist import MNISTDataModule
+
+    cfg = teacher_config(name, overrides)
+    L.seed_everything(int(cfg.seed), workers=True)
+    backbone = build_backbone(cfg.arch)
+    if cfg.get("init"):  # warm start (stage 2 of the recipe): weights, and so the EMA, start from a state dict
+        from ..backbones import load_checkpoint
+
+        load_checkpoint(backbone, cfg.init)
+    module = TeacherPretrain(backbone, out_dir=str(out_dir), export_name=official_file_name(backbone, name),
+                             grid_dir=str(Path(log_dir) / "grids"),  # every validation's grid; the last one ships
+                             **{k: v for k, v in OmegaConf.to_container(cfg).items() if k != "arch" and not k.startswith("_")})
+    dm = MNISTDataModule(batch_size=int(cfg.batch_size), seed=int(cfg.seed))
+    max_time = None if cfg.max_minutes is None else {"minutes": float(cfg.max_minutes)}
+    trainer = L.Trainer(max_steps=int(cfg.max_steps), max_time=max_time, val_check_interval=int(cfg.val_every),
+                        check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
+                        accelerator="auto", devices=1, enable_checkpointing=False, log_every_n_steps=50,
+                        logger=L.pytorch.loggers.CSVLogger(str(log_dir), name="", version=""),
+                        default_root_dir=str(log_dir),
+                        callbacks=[L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 100)])
+    t0 = time.time()
+    trainer.fit(module, dm)
+    module.sample_grid()  # the final grid and export (also after a max_time stop)
+    final = Path(out_dir) / "grids" / Path(module.grids[-1]).name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(module.grids[-1], final)
+    fig = {"files": [module.export_name, final.relative_to(out_dir).as_posix()],
+           "steps": int(trainer.global_step), "train_wall_s": round(time.time() - t0, 1),
+           "final_losses": module.last_losses, "config": OmegaConf.to_container(cfg),
+           "params": sum(p.numel() for p in backbone.parameters())}
+    (Path(log_dir) / "figures.json").write_text(json.dumps(fig, indent=2))
+    return fig
