@@ -202,8 +202,11 @@ def test_ctrl_c_exports_a_partial_router_and_resume_continues_in_the_run_folder(
     args = ["trainer.max_steps=100000", "data.batch_size=2", "logger.csv.flush_logs_every_n_steps=1",
             "callbacks.model_checkpoint.every_n_train_steps=1", *FAST]
     log_file = open(tmp_path / "train.out", "w")  # a file, not a pipe: a full pipe buffer would stall the child
+    # SIGINT back to its default in the child: a job started in the background of a non-interactive shell
+    # (as CI may be) inherits SIGINT *ignored*, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run}"], cwd=tmp_path,
-                            env=_env(tmp_path), stdout=log_file, stderr=subprocess.STDOUT, text=True)
+                            env=_env(tmp_path), stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert _wait_for_rows(run / "csv" / "metrics.csv", 2, proc), "training never logged a step"
         proc.send_signal(signal.SIGINT)
