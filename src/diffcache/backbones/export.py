@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .layers import sincos_pos_embed_2d
+from .pixart import DIFFUSERS_BLOCK_LINEARS, DIFFUSERS_LINEARS
 
 DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -83,12 +84,8 @@ def pixart_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
         for s in ("weight", "bias"):
             out[f"{theirs}.{s}"] = sd[f"{ours}.{s}"].clone()
 
-    pair("pos_embed.proj", "x_embedder.proj")
-    pair("adaln_single.emb.timestep_embedder.linear_1", "t_embedder.mlp.0")
-    pair("adaln_single.emb.timestep_embedder.linear_2", "t_embedder.mlp.2")
-    pair("adaln_single.linear", "t_block.1")
-    pair("caption_projection.linear_1", "y_embedder.y_proj.fc1")
-    pair("caption_projection.linear_2", "y_embedder.y_proj.fc2")
+    for ours, theirs in DIFFUSERS_LINEARS:
+        pair(theirs, ours)
     for i in range(int(cfg["depth"])):
         src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
         out[f"{dst}.scale_shift_table"] = sd[f"{src}.scale_shift_table"].clone()
@@ -97,11 +94,8 @@ def pixart_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
                 out[f"{dst}.attn1.to_{name}.{s}"] = part
             for name, part in zip("kv", _split(sd[f"{src}.cross_attn.kv_linear.{s}"], 2)):
                 out[f"{dst}.attn2.to_{name}.{s}"] = part
-        pair(f"{dst}.attn1.to_out.0", f"{src}.attn.proj")
-        pair(f"{dst}.attn2.to_q", f"{src}.cross_attn.q_linear")
-        pair(f"{dst}.attn2.to_out.0", f"{src}.cross_attn.proj")
-        pair(f"{dst}.ff.net.0.proj", f"{src}.mlp.fc1")
-        pair(f"{dst}.ff.net.2", f"{src}.mlp.fc2")
+        for ours, theirs in DIFFUSERS_BLOCK_LINEARS:
+            pair(f"{dst}.{theirs}", f"{src}.{ours}")
     pair("proj_out", "final_layer.linear")
     out["scale_shift_table"] = sd["final_layer.scale_shift_table"].clone()
     null = sd.get("y_embedder.y_embedding")

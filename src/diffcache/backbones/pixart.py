@@ -94,6 +94,19 @@ class T2IFinalLayer(nn.Module):
         return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
 
 
+# (our key, diffusers PixArtTransformer2DModel key) of every plain linear, read in both directions
+# (import: weights.py via PixArt.from_diffusers_state_dict; export: backbones/export.py)
+DIFFUSERS_LINEARS = (("x_embedder.proj", "pos_embed.proj"),
+                     ("t_embedder.mlp.0", "adaln_single.emb.timestep_embedder.linear_1"),
+                     ("t_embedder.mlp.2", "adaln_single.emb.timestep_embedder.linear_2"),
+                     ("t_block.1", "adaln_single.linear"),
+                     ("y_embedder.y_proj.fc1", "caption_projection.linear_1"),
+                     ("y_embedder.y_proj.fc2", "caption_projection.linear_2"))
+DIFFUSERS_BLOCK_LINEARS = (("attn.proj", "attn1.to_out.0"), ("cross_attn.q_linear", "attn2.to_q"),
+                           ("cross_attn.proj", "attn2.to_out.0"), ("mlp.fc1", "ff.net.0.proj"),
+                           ("mlp.fc2", "ff.net.2"))
+
+
 class PixArt(CachedBackbone):
     """PixArt-α text-to-image DiT (``forward(x, t, cond) -> [eps, v]``, 2 * in_channels channels)."""
 
@@ -238,12 +251,8 @@ class PixArt(CachedBackbone):
             for suffix in ("weight", "bias"):
                 out[f"{ours}.{suffix}"] = take(f"{theirs}.{suffix}")
 
-        pair("x_embedder.proj", "pos_embed.proj")
-        pair("t_embedder.mlp.0", "adaln_single.emb.timestep_embedder.linear_1")
-        pair("t_embedder.mlp.2", "adaln_single.emb.timestep_embedder.linear_2")
-        pair("t_block.1", "adaln_single.linear")
-        pair("y_embedder.y_proj.fc1", "caption_projection.linear_1")
-        pair("y_embedder.y_proj.fc2", "caption_projection.linear_2")
+        for ours, theirs in DIFFUSERS_LINEARS:
+            pair(ours, theirs)
         depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")), default=-1)
         if depth == 0:
             raise KeyError("diffusers PixArt state dict has no transformer_blocks.*")
@@ -255,11 +264,8 @@ class PixArt(CachedBackbone):
                     [take(f"{src}.attn1.to_{n}.{suffix}") for n in "qkv"], dim=0)
                 out[f"{dst}.cross_attn.kv_linear.{suffix}"] = torch.cat(
                     [take(f"{src}.attn2.to_{n}.{suffix}") for n in "kv"], dim=0)
-            pair(f"{dst}.attn.proj", f"{src}.attn1.to_out.0")
-            pair(f"{dst}.cross_attn.q_linear", f"{src}.attn2.to_q")
-            pair(f"{dst}.cross_attn.proj", f"{src}.attn2.to_out.0")
-            pair(f"{dst}.mlp.fc1", f"{src}.ff.net.0.proj")
-            pair(f"{dst}.mlp.fc2", f"{src}.ff.net.2")
+            for ours, theirs in DIFFUSERS_BLOCK_LINEARS:
+                pair(f"{dst}.{ours}", f"{src}.{theirs}")
         pair("final_layer.linear", "proj_out")
         out["final_layer.scale_shift_table"] = take("scale_shift_table")
 
