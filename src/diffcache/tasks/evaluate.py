@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ..data.seeded import seeded_inputs
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
+from ..modules.sampler import set_hash
 from ..sampling import sample
 from ..utils.build import build_backbone, build_loggers, build_policy, build_solver
 from ..utils.console import setup_console
@@ -42,13 +44,8 @@ def _batches(cfg, backbone, device, conditioning: Conditioning):
     n, bs = int(cfg.eval.num_samples), int(cfg.eval.batch_size)
     if n < 1 or bs < 1:
         raise ValueError(f"eval.num_samples and eval.batch_size must be >= 1, got {n} and {bs}")
-    shape = (backbone.in_channels, backbone.input_size, backbone.input_size)
     for start in range(0, n, bs):
-        idx = range(start, min(start + bs, n))
-        gens = [torch.Generator().manual_seed(cfg.seed * 7919 + i) for i in idx]
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        cond = conditioning.batch(idx, gens)
-        cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
+        noise, cond = seeded_inputs(backbone, range(start, min(start + bs, n)), cfg.seed, device, conditioning.batch)
         yield noise, cond, torch.Generator().manual_seed(cfg.seed * 104729 + start)
 
 
@@ -61,11 +58,7 @@ def _sharded(cfg, backbone, solver, policy, guidance, conditioning, out_dir):
     from ..modules.sampler import ShardedSampler, gather
 
     def inputs(idx, device):
-        gens = [torch.Generator().manual_seed(cfg.seed * 7919 + i) for i in idx]
-        noise = torch.stack([torch.randn((backbone.in_channels, backbone.input_size, backbone.input_size),
-                                         generator=g) for g in gens]).to(device)
-        cond = conditioning.batch(idx, gens)
-        return noise, ({k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device))
+        return seeded_inputs(backbone, idx, cfg.seed, device, conditioning.batch)
 
     vae, scale = cfg.backbone.get("vae"), float(cfg.backbone.get("vae_scale") or 0.18215)
     to_images = (lambda x: decode(x, vae, scale) * 2 - 1) if vae else None  # shards then carry uint8 images
@@ -152,7 +145,7 @@ def evaluate(cfg: DictConfig) -> dict:
         result["grid"] = str(save_grid(cached, out / "samples.png", full=full, vae=cfg.backbone.get("vae"),
                                        scale=float(cfg.backbone.get("vae_scale") or 0.18215)))
     torch.save(cached, out / "samples.pt")
-    result["samples_sha256"] = hashlib.sha256(cached.contiguous().numpy().tobytes()).hexdigest()
+    result["samples_sha256"] = set_hash(cached)
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     for lg in build_loggers(cfg.get("logger")):
         lg.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))}, step=0)
