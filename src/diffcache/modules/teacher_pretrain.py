@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -45,12 +46,17 @@ def grid_solver(backbone, schedule: str, num_steps: int = 20, time_input: str = 
 class TeacherPretrain(L.LightningModule):
     def __init__(self, backbone, schedule: str = "linear", num_train_timesteps: int = 1000, lr: float = 3e-4,
                  weight_decay: float = 0.0, betas=(0.9, 0.999), warmup_steps: int = 500, ema_decay: float = 0.999,
+                 lr_schedule: str = "constant", max_steps: int | None = None,
                  label_drop: float = 0.1, guidance: float | None = None, time_input: str = "scaled",
                  grid_per_class: int = 8, out_dir: str | None = None, export_name: str | None = None,
                  grid_dir: str | None = None, seed: int = 0, **_: Any):
         super().__init__()
         if backbone.text_conditioned:
             raise ValueError(f"teacher_pretrain trains class-conditional backbones, got {type(backbone).__name__}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"module.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if lr_schedule == "cosine" and not max_steps:
+            raise ValueError("module.lr_schedule=cosine decays over module.max_steps; set it")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"module.ema_decay must lie in [0, 1), got {ema_decay}")
         self.backbone = backbone.train()
@@ -58,6 +64,7 @@ class TeacherPretrain(L.LightningModule):
         self.diffusion = GaussianDiffusionLoss(schedule, num_train_timesteps)
         self.schedule, self.time_input, self.guidance = schedule, time_input, guidance
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        self.lr_schedule, self.max_steps = lr_schedule, max_steps
         self.ema_decay, self.label_drop, self.grid_per_class, self.seed = ema_decay, label_drop, grid_per_class, seed
         self.out_dir = Path(out_dir) if out_dir else None
         self.grid_dir = Path(grid_dir) if grid_dir else (self.out_dir / "grids" if self.out_dir else None)
@@ -69,7 +76,17 @@ class TeacherPretrain(L.LightningModule):
         opt = torch.optim.AdamW([p for p in self.backbone.parameters() if p.requires_grad], lr=self.lr,
                                 betas=self.betas, weight_decay=self.weight_decay)
         warm = max(int(self.warmup_steps), 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        total = max(int(self.max_steps or 0), warm + 1)
+
+        def factor(s: int) -> float:
+            # linear warm-up, then constant or a cosine to zero at max_steps: a short CPU run ends annealed
+            if s < warm:
+                return (s + 1) / warm
+            if self.lr_schedule == "constant":
+                return 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warm) / (total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _drop_labels(self, y: torch.Tensor) -> torch.Tensor:
@@ -171,6 +188,7 @@ def train_teacher(name: str, overrides: list[str] | None, out_dir: Path, log_dir
     trainer = L.Trainer(max_steps=int(cfg.max_steps), max_time=max_time, val_check_interval=int(cfg.val_every),
                         check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
                         accelerator="auto", devices=1, enable_checkpointing=False, log_every_n_steps=50,
+                        gradient_clip_val=cfg.get("grad_clip"),
                         logger=L.pytorch.loggers.CSVLogger(str(log_dir), name="", version=""),
                         default_root_dir=str(log_dir),
                         callbacks=[L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 100)])
