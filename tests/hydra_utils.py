@@ -14,12 +14,21 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FAST = ["trainer.enable_progress_bar=false"]
+# train.py's built-in default is the MNIST demo; tests run on the tiny random backbone unless they choose
+TINY = ["backbone=tiny_dit"]
+
+
+def with_tiny(name: str, overrides: list[str]) -> list[str]:
+    """``overrides`` plus ``backbone=tiny_dit`` for train configs that pick no backbone / experiment."""
+    if name != "train" or any(o.split("=", 1)[0].lstrip("+~") in ("backbone", "experiment") for o in overrides):
+        return list(overrides)
+    return [*TINY, *overrides]
 
 
 def compose_cfg(name: str, overrides: list[str], out: Path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose(name, overrides=overrides, return_hydra_config=True)
+        cfg = compose(name, overrides=with_tiny(name, overrides), return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
@@ -30,5 +39,7 @@ def compose_cfg(name: str, overrides: list[str], out: Path):
 def run_cli(script: str, args: list[str], cwd: Path, timeout: int = 400, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "PROJECT_ROOT": str(cwd), **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
+    if script == "train.py":
+        args = with_tiny("train", args)
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)

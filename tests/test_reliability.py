@@ -13,7 +13,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from hydra_utils import FAST, ROOT, compose_cfg
+from hydra_utils import FAST, ROOT, compose_cfg, with_tiny
 from test_evaluate import perturbed_ckpt
 
 from diffcache.backbones import build_backbone
@@ -33,6 +33,7 @@ def _env(cwd):
 
 
 def _cli(script, args, cwd, timeout=400):
+    args = with_tiny("train", args) if script == "train.py" else args
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=_env(cwd), capture_output=True,
                           text=True, timeout=timeout)
 
@@ -199,7 +200,7 @@ def _wait_for_rows(csv_path, n, proc, timeout=300.0):
 
 def test_ctrl_c_exports_a_partial_router_and_resume_continues_in_the_run_folder(tmp_path):
     run = tmp_path / "run"
-    args = ["trainer.max_steps=100000", "data.batch_size=2", "logger.csv.flush_logs_every_n_steps=1",
+    args = [*with_tiny("train", []), "trainer.max_steps=100000", "data.batch_size=2", "logger.csv.flush_logs_every_n_steps=1",
             "callbacks.model_checkpoint.every_n_train_steps=1", *FAST]
     log_file = open(tmp_path / "train.out", "w")  # a file, not a pipe: a full pipe buffer would stall the child
     # SIGINT back to its default in the child: a job started in the background of a non-interactive shell

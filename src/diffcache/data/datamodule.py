@@ -159,3 +159,36 @@ class LatentData(RouterData):
 
     def build(self, backbone) -> Dataset:
         return LatentFile(self.path, backbone)
+
+
+class MNISTImages(Dataset):
+    """The 4,000 train digits of the fixed split as ``{"x0": (1, 32, 32) in [-1, 1], "cond": label}``."""
+
+    def __init__(self, backbone, split: str = "train"):
+        from .mnist import load_mnist
+
+        expect = (backbone.in_channels, backbone.input_size, backbone.input_size)
+        if expect != (1, 32, 32) or backbone.text_conditioned:
+            raise ValueError(f"data=mnist holds 1x32x32 class-labelled digits, backbone "
+                             f"{type(backbone).__name__} takes {expect}: use backbone=mnist_dit | mnist_uvit "
+                             f"(or data=noise / data=latents for other backbones)")
+        self.x, self.y = load_mnist(split)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return {"x0": self.x[i], "cond": self.y[i]}
+
+
+class MNISTData(RouterData):
+    """Faithful L2C on the offline demo: forward-diffused real MNIST digits (the pixels are the "latents")."""
+
+    name = "mnist"
+
+    def __init__(self, split: str = "train", **kw):
+        super().__init__(**kw)
+        self.split = split
+
+    def build(self, backbone) -> Dataset:
+        return MNISTImages(backbone, self.split)

@@ -13,37 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .classifier import load_classifier
 from .teacher_pretrain import CONF, grid_solver, official_file_name
-
-
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), float64, via symmetric eigendecompositions."""
-    a, b = f1.double(), f2.double()
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(s1)
-    r1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
-    cross = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
-    return float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * cross)
-
-
-def inception_style_score(logits: torch.Tensor) -> float:
-    """exp(E_x KL(p(y|x) || p(y))) of a classifier's logits (here: "MNIST-IS")."""
-    logp = torch.log_softmax(logits.double(), 1)
-    p = logp.exp()
-    logp_y = torch.log(p.mean(0))
-    return float(torch.exp((p * (logp - logp_y)).sum(1).mean()))
-
-
-@torch.no_grad()
-def _features_logits(clf, x: torch.Tensor, batch: int = 500):
-    feats, logits = [], []
-    for i in range(0, len(x), batch):
-        f = clf.features(x[i:i + batch])
-        feats.append(f)
-        logits.append(clf.head(f))
-    return torch.cat(feats), torch.cat(logits)
 
 
 @torch.no_grad()
@@ -69,6 +39,8 @@ def evaluate_teacher(name: str, assets: str | Path, n_per_class: int = 100, guid
 
     from ..backbones import load_backbone, load_checkpoint
     from ..data.mnist import load_mnist
+    from ..metrics.generative import to_uint8
+    from ..metrics.mnist import build_mnist_metrics
 
     assets = Path(assets)
     cfg = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
@@ -80,23 +52,27 @@ def evaluate_teacher(name: str, assets: str | Path, n_per_class: int = 100, guid
     t0 = time.time()
     x = generate(backbone, labels, s, cfg.schedule, cfg.time_input, seed=int(seed))
     wall = time.time() - t0
-    clf = load_classifier(assets / "mnist_classifier.pt")
-    f_s, l_s = _features_logits(clf, x)
-    xh, _ = load_mnist("heldout")
     xt, yt = load_mnist("train")
     real = torch.cat([xt[yt == c][:100] for c in range(10)])  # 1,000 real train digits, 100 a class
-    f_h, _ = _features_logits(clf, xh)
-    f_r, l_r = _features_logits(clf, real)
-    hits = l_s.argmax(1) == labels
+    metrics = build_mnist_metrics(assets / "mnist_classifier.pt", "heldout", is_splits=1, precision_recall=False,
+                                  teacher_fidelity=False)
+    scores = {}
+    for key, images in (("samples", x), ("real", real)):
+        metrics.reset()
+        metrics.update(images)
+        scores[key] = metrics.compute()
+    with torch.no_grad():
+        logits = metrics.extractor(to_uint8(x))[1]
+    hits = logits.argmax(1) == labels
     grid = torch.stack([x[labels == c][:10] for c in range(10)], 1).flatten(0, 1)  # row: one sample of each class
     png = assets / f"{name}_samples.png"
     save_image((grid + 1) / 2, str(png), nrow=10, padding=1)
     return {"guidance": s, "samples": len(labels), "sampler": type(grid_solver(backbone, cfg.schedule, 20)).__name__ + "-20",
             "class_accuracy": float(hits.float().mean()),
             "per_class_accuracy": [round(float(hits[labels == c].float().mean()), 3) for c in range(10)],
-            "mnist_fid_vs_heldout": round(frechet_distance(f_s, f_h), 3),
-            "mnist_fid_floor_train1000_vs_heldout": round(frechet_distance(f_r, f_h), 3),
-            "mnist_is": round(inception_style_score(l_s), 3), "mnist_is_real_train1000": round(inception_style_score(l_r), 3),
+            "mnist_fid_vs_heldout": round(scores["samples"]["mnist_fid"], 3),
+            "mnist_fid_floor_train1000_vs_heldout": round(scores["real"]["mnist_fid"], 3),
+            "mnist_is": round(scores["samples"]["mnist_is"], 3), "mnist_is_real_train1000": round(scores["real"]["mnist_is"], 3),
             "sampling_wall_s": round(wall, 1), "grid": png.name}
 
 

@@ -4,14 +4,17 @@ fixed seeded sample set, at equal compute.
 Rows: the full sampler; L2C at its theta; the fewest-step version of the same solver whose MACs are >= L2C's
 (the "fewer steps" baseline at equal compute); FORA at each interval asked for; ToCa with the backbone's
 preset. Each row: quality from the configured metrics (e.g. MNIST-FID / MNIST-IS), PSNR / MSE to the full
-sampler on the same noise, MACs per image (CFG included), latency (median of repeats after warm-up, one
-batch) and the measured speedup. Written as ``comparison.{csv,md,json}`` and printed.
+sampler on the same noise, MACs per image (CFG included), latency (median wall time of one batch: of the
+quality batches themselves by default, or of ``latency_repeats`` extra runs after a warm-up) and the measured
+speedup. Written as ``comparison.{csv,md,json}`` and printed, with ``comparison_samples.png`` (one row of samples per method, same noise and labels in every column) when the
+backbone samples images.
 """
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import statistics
 from pathlib import Path
 
 import torch
@@ -26,15 +29,20 @@ from ..policies.toca import ToCaPolicy
 from ..sampling import sample
 
 log = logging.getLogger(__name__)
+GRID_COLUMNS = 12
 
 
-def _samples(backbone, solver, policy, n: int, bs: int, guidance, seed: int, device) -> torch.Tensor:
-    out = []
+def _samples(backbone, solver, policy, n: int, bs: int, guidance, seed: int, device):
+    """The seeded set and the wall time of each full batch (the latency when ``latency_repeats`` is 0)."""
+    out, times = [], []
     for start in range(0, n, bs):
         noise, cond = seeded_inputs(backbone, range(start, min(start + bs, n)), seed, device)
-        out.append(sample(backbone, solver, policy, noise, cond, guidance,
-                          generator=torch.Generator().manual_seed(seed + start)).cpu())
-    return torch.cat(out)
+        t = measure(lambda: out.append(sample(backbone, solver, policy, noise, cond, guidance,
+                                              generator=torch.Generator().manual_seed(seed + start)).cpu()),
+                    repeats=1, warmup=0, device=device)
+        if noise.shape[0] == bs:
+            times.append(t["median_s"])
+    return torch.cat(out), times
 
 
 def fewer_steps(solver_cfg, backbone, target_macs: float, guidance):
@@ -55,7 +63,7 @@ def candidates(cfg, backbone, solver, router_path, guidance) -> list[tuple[str, 
     l2c = L2CPolicy.from_official(router_path, solver=solver, theta=theta)
     rows = [(f"full {solver.name}-{solver.num_steps}", solver, None), (f"L2C theta={theta:g}", solver, l2c)]
     few = fewer_steps(cfg.solver, backbone, policy_cost(backbone, solver, l2c, guidance=guidance)["macs_cfg"], guidance)
-    if few is not None:
+    if few is not None and few.num_steps < solver.num_steps:
         rows.append((f"fewer steps {few.name}-{few.num_steps}", few, None))
     for k in cfg.compare.fora_intervals:
         rows.append((f"FORA N={k}", solver, FORAPolicy(interval=int(k))))
@@ -71,9 +79,10 @@ def compare(cfg, backbone, solver, router_path, out_dir) -> list[dict]:
     quality = instantiate(cfg.metrics.quality) if cfg.get("metrics") else None
     n, bs, seed = int(c.num_samples), int(c.batch_size), int(c.seed)
     teacher = None
-    rows = []
+    rows, grid = [], []
     for name, s, policy in candidates(cfg, backbone, solver, router_path, guidance):
-        x = _samples(backbone, s, policy, n, bs, guidance, seed, device)
+        x, times = _samples(backbone, s, policy, n, bs, guidance, seed, device)
+        grid.append(x[:GRID_COLUMNS])
         teacher = x if teacher is None else teacher  # the first row is the full sampler
         row = {"method": name, "steps": s.num_steps}
         if quality is not None:
@@ -83,15 +92,27 @@ def compare(cfg, backbone, solver, router_path, out_dir) -> list[dict]:
             row.update(quality.compute())
         gmacs = policy_cost(backbone, s, policy, guidance=guidance)["macs_cfg"] / 1e9  # per image, CFG included
         row.update({"gmacs": gmacs, "macs_fraction": gmacs / rows[0]["gmacs"] if rows else 1.0})
-        noise, cond = seeded_inputs(backbone, range(bs), seed, device)
-        lat = measure(lambda: sample(backbone, s, policy, noise, cond, guidance), repeats=int(c.latency_repeats),
-                      warmup=1, device=device)
-        row["latency_s"] = lat["median_s"]
+        if int(c.latency_repeats) > 0 or not times:
+            noise, cond = seeded_inputs(backbone, range(bs), seed, device)
+            times = [measure(lambda: sample(backbone, s, policy, noise, cond, guidance),
+                             repeats=max(int(c.latency_repeats), 1), warmup=1, device=device)["median_s"]]
+        row["latency_s"] = statistics.median(times)
         row["speedup_latency"] = rows[0]["latency_s"] / lat["median_s"] if rows else 1.0
         rows.append(row)
         log.info("compare: %s", json.dumps(row))
     write_table(rows, Path(out_dir) / "comparison")
+    if backbone.in_channels in (1, 3):
+        save_grid(grid, Path(out_dir) / "comparison_samples.png")
     return rows
+
+
+def save_grid(rows: list[torch.Tensor], path: Path) -> None:
+    """One row per method (the table's order), upscaled x2 so 32 px digits are visible."""
+    from torchvision.utils import save_image
+
+    x = torch.cat(rows).float().clamp(-1, 1) * 0.5 + 0.5
+    save_image(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"), str(path),
+               nrow=rows[0].shape[0], padding=2)
 
 
 def write_table(rows: list[dict], stem: Path) -> str:

@@ -108,7 +108,8 @@ def train(cfg: DictConfig) -> dict:
 
                 rows = compare(cfg, backbone.to(module.device), solver, router_path, out)
                 print(f"\n{write_table(rows, out / 'comparison')}\nsaved: {out / 'comparison.md'} (.csv, .json), "
-                      f"router {router_path}, heatmaps {out / 'router_heatmaps'}, validation grids {out / 'val_samples'}")
+                      f"samples {out / 'comparison_samples.png'}, router {router_path}, heatmaps {out / 'router_heatmaps'}, "
+                      f"validation grids {out / 'val_samples'}")
     if partial:
         sys.exit(130)
     return metrics
