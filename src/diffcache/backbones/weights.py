@@ -68,6 +68,9 @@ def _read_diffusers_dir(path: Path, family: str) -> tuple[dict[str, torch.Tensor
 def read_state_dict(model, path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in ``path``, converted to ``model``'s key layout (not yet loaded)."""
     path = Path(path).expanduser()
+    if not path.exists() and str(getattr(model, "arch", "")).startswith("mnist"):
+        raise FileNotFoundError(f"checkpoint not found: {path}. The MNIST teachers ship in the repository's "
+                                f"assets/ (git checkout assets/), or retrain them with `make teachers`")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}. Get {WHERE_TO_GET.get(model.family, 'the weights')} "
                                 "and pass backbone.ckpt=/path/to/it")

@@ -83,6 +83,12 @@ class RouterDistill(QualityValidation, L.LightningModule):
     def on_fit_start(self) -> None:
         self.backbone.to(self.device)
 
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Soft routing while training. Lightning >= 2.2 keeps each submodule's mode as it found it (and
+        # restores it after validation), so the policy, built in eval (hard) mode, must be switched here:
+        # under hard routing the MSE has no gradient and only the L1 term would move the logits.
+        self.policy.train()
+
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.parameters())
 

@@ -4,7 +4,8 @@
 user class; the solver class and step count; the policy), so ``backbone.arch=DiT-L/2`` never yields a
 run called ``dit-...``. ``${dc.slug:...}`` makes any override string safe as one folder name, and as a
 value on a later command line (``router_ckpt=<sweep>/<run>/router.pt``): Hydra's override grammar takes
-no ``=`` or ``,`` unquoted, so ``key=value,key=value`` becomes ``key-value_key-value``.
+no ``=`` or ``,`` unquoted, so ``key=value,key=value`` becomes ``key-value_key-value``. ``${dc.root:}`` is
+the checkout's root (``paths.root_dir`` when ``PROJECT_ROOT`` is unset).
 """
 from __future__ import annotations
 
@@ -47,6 +48,16 @@ def run_name(backbone, solver, policy) -> str:
     return slug(f"{arch}-{alg}_{steps}-{pol}" + (f"-{preset}" if preset else ""))
 
 
+def project_root() -> str:
+    """The checkout this package runs from (it holds ``conf/`` and ``assets/``), else the working directory:
+    ``paths.root_dir`` then finds the shipped teachers from any working directory."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    return str(root) if (root / "conf" / "train.yaml").is_file() else str(Path.cwd())
+
+
 def register() -> None:
+    OmegaConf.register_new_resolver("dc.root", project_root, replace=True)
     OmegaConf.register_new_resolver("dc.run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("dc.slug", slug, replace=True)

@@ -115,7 +115,7 @@ class L2CPolicy(CachePolicy):
             num_routers = self.schedule.num_routers
         if layout is not None and num_routers is not None:
             self._build(int(num_routers), layout.num_sites)
-        self.train(False)  # hard routing, like a loaded model; Lightning's fit switches to train mode
+        self.train(False)  # hard routing, like a loaded model; RouterDistill switches it to train mode
 
     # ------------------------------------------------------------------ construction
     def _build(self, num_routers: int, num_sites: int, init: Sequence[torch.Tensor] | None = None) -> None:
