@@ -5,6 +5,7 @@ that caches nothing reproduces the uncached sampler bit for bit."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -107,3 +108,26 @@ def test_a_threshold_that_caches_nothing_is_the_uncached_sampler_bit_for_bit(tmp
     assert torch.equal(cached, full)
     policy.theta = 0.9  # and a threshold that does cache changes the samples
     assert not torch.equal(sample(backbone, solver, policy, noise, y, float(cfg.backbone.guidance)), full)
+
+
+def test_a_second_run_reuses_the_measured_comparison_rows_and_says_so(tmp_path, caplog):
+    from diffcache.tasks.train import train
+
+    args = [*BASE, "trainer.max_steps=2", "callbacks=none", "policy.theta=0.9", "metrics=mnist", "compare=default",
+            "trainer.limit_val_batches=0", "compare.num_samples=8", "compare.batch_size=4", "compare.toca=false",
+            "compare.fora_intervals=[2]", f"compare.cache_dir={tmp_path / 'cache'}"]
+    tables = []
+    for run in ("first", "second"):
+        cfg = compose_cfg("train", args, tmp_path / run)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="diffcache.tasks.compare"):
+            train(cfg)
+        tables.append(json.loads((tmp_path / run / "comparison.json").read_text()))
+        assert (tmp_path / run / "comparison_samples.png").is_file()
+    first, second = tables
+    assert [r["method"] for r in first] == [r["method"] for r in second] and len(first) >= 4
+    assert not any(r["reused"] for r in first) and all(r["reused"] for r in second)
+    for a, b in zip(first, second):  # the same router (same seed) and the same teacher: the same rows
+        assert {k: v for k, v in a.items() if k != "reused"} == {k: v for k, v in b.items() if k != "reused"}
+    assert f"{len(second)} of {len(second)} rows reused" in caplog.text
+    assert first[0]["mnist_fid"] > 0 and first[0]["psnr"] >= 100 and first[1]["macs_fraction"] < 1.0

@@ -11,7 +11,9 @@ exactly as the reference code does, read from the backbone class (``cfg_layout``
 
 Before every backbone call the bound policy (if any) learns where it is (:class:`StepContext`),
 including the CFG branch, so cond and uncond caches never mix. Teacher and student passes of router
-training go through :meth:`Denoiser.raw`, the same path as sampling.
+training go through :meth:`Denoiser.raw`, the same path as sampling. Pixel-space teachers (the MNIST demo)
+set ``backbone.clip_denoised``: the x0 prediction is clipped to [-1, 1] and eps re-derived from it, as ADM's
+samplers do with ``clip_denoised=True``; latent-space models keep DiT's ``clip_denoised=False``.
 """
 from __future__ import annotations
 
@@ -78,4 +80,7 @@ class Denoiser:
             var = c[:, C:] if c.shape[1] > C else None
         alpha, sigma = solver.alpha_sigma(k)
         x0 = (x - sigma * eps) / alpha
+        if bb.clip_denoised:  # ADM's clip_denoised: x0 into the data range, eps re-derived to match it
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - alpha * x0) / sigma
         return ModelOutput(eps=eps, x0=x0, var_values=var, raw=raw)

@@ -73,6 +73,8 @@ class CachedBackbone(nn.Module):
     router_format: str = "dit"            # official L2C router file layout ("dit" .pt | "uvit" .pth)
     toca_preset: str | None = None        # ToCa preset that policy=toca picks for this family
     text_conditioned: bool = False        # cond is {"y": text embeddings, "mask"} rather than class labels
+    clip_denoised: bool = False           # clip the x0 prediction to [-1, 1] (ADM's pixel-space sampling);
+                                          # set per run by the backbone node's clip_denoised key
     checkpoint_name: str = "backbone"
     checkpoint_suffix: str = ".pt"       # official weight files: DiT .pt, U-ViT nnet .pth
     checkpoint_keys: tuple[str, ...] = ("state_dict",)  # wrappers an official file may put the weights under

@@ -46,6 +46,7 @@ def evaluate_teacher(name: str, assets: str | Path, n_per_class: int = 100, guid
     cfg = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
     backbone = load_backbone(cfg.arch, random_init=True)
     load_checkpoint(backbone, str(assets / official_file_name(backbone, name)))
+    backbone.clip_denoised = bool(cfg.get("clip_denoised", False))
     s = float(cfg.guidance if guidance is None else guidance)
     n = int(n_per_class)
     labels = torch.arange(10).repeat_interleave(n)

@@ -160,7 +160,7 @@ def teacher_config(name: str, overrides: list[str] | None = None):
     bb = OmegaConf.load(path)
     mod = OmegaConf.load(CONF / "module" / "teacher_pretrain.yaml")
     cfg = OmegaConf.merge(mod, {"arch": bb.arch, "schedule": bb.schedule, "time_input": bb.time_input,
-                                "guidance": bb.guidance}, OmegaConf.from_dotlist(list(overrides or [])))
+                                "guidance": bb.guidance, "clip_denoised": bool(bb.get("clip_denoised", False))}, OmegaConf.from_dotlist(list(overrides or [])))
     return cfg
 
 
@@ -176,6 +176,7 @@ def train_teacher(name: str, overrides: list[str] | None, out_dir: Path, log_dir
     cfg = teacher_config(name, overrides)
     L.seed_everything(int(cfg.seed), workers=True)
     backbone = build_backbone(cfg.arch)
+    backbone.clip_denoised = bool(cfg.clip_denoised)  # the grids sample as the configured teacher does
     if cfg.get("init"):  # warm start (stage 2 of the recipe): weights, and so the EMA, start from a state dict
         from ..backbones import load_checkpoint
 

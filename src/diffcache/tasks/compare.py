@@ -12,13 +12,16 @@ backbone samples images.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import os
 import statistics
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from ..data.seeded import seeded_inputs
 from ..metrics.cost import policy_cost
@@ -58,18 +61,77 @@ def fewer_steps(solver_cfg, backbone, target_macs: float, guidance):
     return None
 
 
-def candidates(cfg, backbone, solver, router_path, guidance) -> list[tuple[str, object, object]]:
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def candidates(cfg, backbone, solver, router_path, guidance) -> list[dict]:
+    """The rows to measure: ``{"method", "kind", "key", "solver", "policy"}``; ``key`` names what the row's
+    numbers depend on besides the teacher and the sample set (the row cache's key)."""
+    c = cfg.compare
     theta = float(cfg.policy.theta)
     l2c = L2CPolicy.from_official(router_path, solver=solver, theta=theta)
-    rows = [(f"full {solver.name}-{solver.num_steps}", solver, None), (f"L2C theta={theta:g}", solver, l2c)]
+    full = f"{solver.name}-{solver.num_steps}"
+    rows = [dict(method=f"full {full}", kind="full", key=f"full:{full}", solver=solver, policy=None),
+            dict(method=f"L2C theta={theta:g}", kind="l2c", key=f"l2c:{full}:{_sha256(router_path)}:{theta!r}",
+                 solver=solver, policy=l2c)]
     few = fewer_steps(cfg.solver, backbone, policy_cost(backbone, solver, l2c, guidance=guidance)["macs_cfg"], guidance)
-    if few is not None and few.num_steps < solver.num_steps:
-        rows.append((f"fewer steps {few.name}-{few.num_steps}", few, None))
-    for k in cfg.compare.fora_intervals:
-        rows.append((f"FORA N={k}", solver, FORAPolicy(interval=int(k))))
-    if cfg.compare.toca and backbone.toca_preset:
-        rows.append((f"ToCa {backbone.toca_preset}", solver, ToCaPolicy(backbone.toca_preset)))
+    steps = sorted({int(n) for n in c.get("steps", [])} | ({few.num_steps} if few is not None else set()))
+    for n in steps:
+        if n < solver.num_steps:
+            s = instantiate(cfg.solver, num_steps=n)
+            tag = "fewer steps" if few is not None and n == few.num_steps else "steps"
+            rows.append(dict(method=f"{tag} {s.name}-{n}", kind="steps", key=f"full:{s.name}-{n}", solver=s, policy=None))
+    for k in c.fora_intervals:
+        rows.append(dict(method=f"FORA N={k}", kind="fora", key=f"fora:{full}:{int(k)}", solver=solver,
+                         policy=FORAPolicy(interval=int(k))))
+    if c.toca and backbone.toca_preset:
+        for v in [{}, *[dict(o) for o in c.get("toca_variants", [])]]:
+            p = ToCaPolicy(backbone.toca_preset, **v)
+            label = "".join(f" {'N' if k == 'fresh_threshold' else 'r'}={val:g}" for k, val in sorted(v.items()))
+            rows.append(dict(method=f"ToCa {backbone.toca_preset}{label}", kind="toca",
+                             key=f"toca:{full}:{backbone.toca_preset}:{sorted(v.items())}", solver=solver, policy=p))
     return rows
+
+
+class RowCache:
+    """Measured rows on disk, keyed by the teacher's weights, the sample set, the metrics and the row's key:
+    a second run on the same teacher reuses them (and says so) instead of sampling again."""
+
+    def __init__(self, cfg, backbone):
+        c = cfg.compare
+        self.dir = Path(c.cache_dir) if c.get("cache_dir") else None
+        ckpt = cfg.backbone.get("ckpt")
+        if self.dir is None or not ckpt or not Path(ckpt).is_file():
+            self.dir = None  # random weights: nothing identifies the teacher
+            return
+        metrics = OmegaConf.to_container(cfg.metrics.quality, resolve=True) if cfg.get("metrics") else None
+        self.base = json.dumps({"teacher": _sha256(ckpt), "clip": bool(backbone.clip_denoised),
+                                "n": int(c.num_samples), "bs": int(c.batch_size), "seed": int(c.seed),
+                                "guidance": float(c.guidance), "metrics": metrics,
+                                "latency_repeats": int(c.latency_repeats), "torch": torch.__version__,
+                                "threads": torch.get_num_threads()}, sort_keys=True, default=str)
+
+    def _path(self, key: str) -> Path:
+        return self.dir / (hashlib.sha256((self.base + key).encode()).hexdigest()[:24] + ".pt")
+
+    def get(self, key: str) -> tuple[dict, torch.Tensor] | None:
+        """(the row, its first samples for the grid), or None."""
+        if self.dir is None or not self._path(key).is_file():
+            return None
+        blob = torch.load(self._path(key), map_location="cpu", weights_only=True)
+        return json.loads(blob["row"]), blob["grid"]
+
+    def put(self, key: str, row: dict, grid: torch.Tensor) -> None:
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._path(key).with_suffix(".tmp")
+            torch.save({"row": json.dumps(row), "grid": grid.detach().cpu().clone()}, tmp)
+            os.replace(tmp, self._path(key))
 
 
 def compare(cfg, backbone, solver, router_path, out_dir) -> list[dict]:
@@ -78,13 +140,23 @@ def compare(cfg, backbone, solver, router_path, out_dir) -> list[dict]:
     device = next(backbone.parameters()).device
     quality = instantiate(cfg.metrics.quality) if cfg.get("metrics") else None
     n, bs, seed = int(c.num_samples), int(c.batch_size), int(c.seed)
-    teacher = None
-    rows, grid = [], []
-    for name, s, policy in candidates(cfg, backbone, solver, router_path, guidance):
+    cache = RowCache(cfg, backbone)
+    cands = candidates(cfg, backbone, solver, router_path, guidance)
+    rows, grid, teacher, reused = [], [], None, 0
+    for cand in cands:
+        s, policy = cand["solver"], cand["policy"]
+        hit = cache.get(cand["key"])
+        if hit is not None:
+            row, shown = hit
+            rows.append({**row, "reused": True})
+            grid.append(shown)
+            reused += 1
+            continue
+        if teacher is None and cand is not cands[0]:  # the full row came from the cache: its samples did not
+            teacher, _ = _samples(backbone, cands[0]["solver"], None, n, bs, guidance, seed, device)
         x, times = _samples(backbone, s, policy, n, bs, guidance, seed, device)
-        grid.append(x[:GRID_COLUMNS])
         teacher = x if teacher is None else teacher  # the first row is the full sampler
-        row = {"method": name, "steps": s.num_steps}
+        row = {"method": cand["method"], "kind": cand["kind"], "steps": s.num_steps}
         if quality is not None:
             quality.reset()
             for i in range(0, n, bs):
@@ -97,9 +169,14 @@ def compare(cfg, backbone, solver, router_path, out_dir) -> list[dict]:
             times = [measure(lambda: sample(backbone, s, policy, noise, cond, guidance),
                              repeats=max(int(c.latency_repeats), 1), warmup=1, device=device)["median_s"]]
         row["latency_s"] = statistics.median(times)
-        row["speedup_latency"] = rows[0]["latency_s"] / lat["median_s"] if rows else 1.0
-        rows.append(row)
+        row["speedup_latency"] = rows[0]["latency_s"] / row["latency_s"] if rows else 1.0
+        cache.put(cand["key"], row, x[:GRID_COLUMNS])
+        rows.append({**row, "reused": False})
+        grid.append(x[:GRID_COLUMNS])
         log.info("compare: %s", json.dumps(row))
+    if reused:
+        log.info("compare: %d of %d rows reused from the cache %s (same teacher weights, router, sample set and "
+                 "metrics; compare.cache_dir=null measures again)", reused, len(rows), cache.dir)
     write_table(rows, Path(out_dir) / "comparison")
     if backbone.in_channels in (1, 3):
         save_grid(grid, Path(out_dir) / "comparison_samples.png")

@@ -1,7 +1,7 @@
 """Config -> objects, with Hydra as the factory: every group node names its class with ``_target_``.
 
 Only the backbone needs more than ``instantiate``: its node also carries settings that other groups
-and the tasks read (weights, guidance, noise schedule, the family's L2C recipe), which are not
+and the tasks read (weights, guidance, noise schedule, x0 clipping, the family's L2C recipe), which are not
 constructor arguments; they are listed once, in :data:`BACKBONE_RUN_KEYS`.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 BACKBONE_RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "l2c", "vae",
-                     "vae_scale")
+                     "vae_scale", "clip_denoised")
 
 
 def _plain(cfg) -> dict[str, Any]:
@@ -33,6 +33,8 @@ def build_backbone(cfg):
     model = instantiate(c, **(run.get("overrides") or {}))
     if run.get("ckpt"):
         load_checkpoint(model, run["ckpt"])
+    if run.get("clip_denoised") is not None:
+        model.clip_denoised = bool(run["clip_denoised"])
     return model.eval()
 
 

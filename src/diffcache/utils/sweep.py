@@ -3,7 +3,9 @@
 Train and evaluate sweeps share one table format; a column appears when some run reports it (so an
 evaluate sweep gets its fidelity and speedup columns, a train sweep its losses). Key names are the run
 summaries' own (``cached_fraction``, ``macs_fraction`` = cached / full MACs, ``speedup_*`` = full / cached).
-A run that failed (a ``FAILED`` marker, no summary) is listed with its error in ``status``.
+A run that failed (a ``FAILED`` marker, no summary) is listed with its error in ``status``. When the runs
+wrote comparison tables (``compare``), they are also gathered into ``frontier.{md,csv,png}`` (mean +- std over
+seeds, :mod:`diffcache.utils.frontier`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from .frontier import gather, write_frontier
 from .pareto import pareto_png
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,9 @@ class SweepSummary(Callback):
         rows = summarize(config.hydra.sweep.dir)
         if rows:
             log.info("sweep summary (%d runs):\n%s", len(rows), (Path(config.hydra.sweep.dir) / "summary.md").read_text())
+        md = write_frontier(gather(config.hydra.sweep.dir), config.hydra.sweep.dir)
+        if md is not None:
+            print(f"\n{md.read_text()}\nfrontier: {md} (.csv), {md.with_suffix('.png')}")
         failed = [r for r in rows if str(r["status"]).startswith("failed")]
         if failed:
             print(f"error: {len(failed)} of {len(rows)} sweep runs failed ({', '.join(r['run'] for r in failed)}); "

@@ -1,0 +1,112 @@
+"""A sweep's comparison tables gathered into one frontier: every method's quality and compute, mean +- std
+over seeds, and one PNG of quality against MACs with the Pareto-optimal methods joined.
+
+Each run of a ``train.py -m`` sweep with ``compare`` writes ``comparison.json`` (the router next to full,
+fewer steps, FORA and ToCa). Baseline rows repeat in every run of a seed (reused from the compare cache), so
+rows are keyed by (method, seed) and counted once; L2C rows are named after the run's overrides without the
+seed (``L2C policy.lam=1e-05 data=noise``). The std is over seeds (population std, 0 for one seed).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from .figures import save_figure
+
+METRICS = ["mnist_fid", "mnist_is", "fid", "is", "psnr", "macs_fraction", "gmacs", "latency_s", "speedup_latency"]
+QUALITY = [("mnist_fid", False), ("fid", False), ("tiny_fid", False), ("psnr", True)]  # first present is the axis
+
+
+def _seed(overrides: list[str]) -> int:
+    return next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("seed=")), 0)
+
+
+def _group(row: dict, overrides: list[str]) -> str:
+    if row.get("kind") != "l2c":
+        return row["method"]
+    rest = " ".join(o for o in overrides if not o.startswith(("seed=", "hydra", "experiment=")))
+    return f"L2C {rest}".strip() + f" ({row['method'].split(' ', 1)[1]})"
+
+
+def gather(sweep_dir: str | Path) -> list[dict]:
+    """Rows ``{"method", "kind", "seeds", "<metric>_mean", "<metric>_std", ...}`` of every run's comparison."""
+    seen: dict[tuple[str, int], dict] = {}
+    kinds: dict[str, str] = {}
+    for run in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
+        comp, summ = run / "comparison.json", run / "summary.json"
+        if not comp.is_file():
+            continue
+        overrides = json.loads(summ.read_text()).get("overrides", []) if summ.is_file() else []
+        for row in json.loads(comp.read_text()):
+            g = _group(row, overrides)
+            kinds[g] = row.get("kind", "")
+            seen.setdefault((g, _seed(overrides)), row)
+    out = []
+    for g in dict.fromkeys(k[0] for k in seen):
+        runs = [r for (name, _), r in seen.items() if name == g]
+        row = {"method": g, "kind": kinds[g], "seeds": len(runs)}
+        for m in METRICS:
+            vals = [float(r[m]) for r in runs if r.get(m) is not None]
+            if vals:
+                row[f"{m}_mean"] = statistics.fmean(vals)
+                row[f"{m}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+        out.append(row)
+    return sorted(out, key=lambda r: -r.get("macs_fraction_mean", 0.0))
+
+
+def write_frontier(rows: list[dict], sweep_dir: str | Path) -> Path | None:
+    """``frontier.{md,csv}`` and ``frontier.png`` in ``sweep_dir``; returns the Markdown path."""
+    if not rows:
+        return None
+    sweep_dir = Path(sweep_dir)
+    cols = ["method", "seeds"] + [m for m in METRICS if any(f"{m}_mean" in r for r in rows)]
+    with open(sweep_dir / "frontier.csv", "w", newline="") as fh:
+        keys = ["method", "kind", "seeds"] + [f"{m}_{s}" for m in cols[2:] for s in ("mean", "std")]
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    cell = lambda r, m: (f"{r[m + '_mean']:.4g} ± {r[m + '_std']:.2g}" if f"{m}_mean" in r else "")  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join([r["method"], str(r["seeds"])] + [cell(r, m) for m in cols[2:]]) + " |" for r in rows]
+    md = sweep_dir / "frontier.md"
+    md.write_text("\n".join(lines) + "\n")
+    frontier_png(rows, sweep_dir / "frontier.png")
+    return md
+
+
+def frontier_png(rows: list[dict], path: Path) -> Path | None:
+    metric = next(((m, hb) for m, hb in QUALITY if any(f"{m}_mean" in r for r in rows)), None)
+    if metric is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name, higher = metric
+    pts = [r for r in rows if f"{name}_mean" in r and "macs_fraction_mean" in r]
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+    colors = {"full": "black", "steps": "tab:gray", "l2c": "tab:red", "fora": "tab:blue", "toca": "tab:green",
+              "search": "tab:purple"}
+    for kind in dict.fromkeys(r["kind"] for r in pts):
+        sub = [r for r in pts if r["kind"] == kind]
+        ax.errorbar([r["macs_fraction_mean"] for r in sub], [r[f"{name}_mean"] for r in sub],
+                    yerr=[r[f"{name}_std"] for r in sub], fmt="o", capsize=3, color=colors.get(kind), label=kind)
+        for r in sub:
+            ax.annotate(r["method"][:40], (r["macs_fraction_mean"], r[f"{name}_mean"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    sign = -1.0 if higher else 1.0
+    best, front = float("inf"), []
+    for r in sorted(pts, key=lambda r: (r["macs_fraction_mean"], sign * r[f"{name}_mean"])):
+        if sign * r[f"{name}_mean"] < best:
+            best = sign * r[f"{name}_mean"]
+            front.append(r)
+    ax.plot([r["macs_fraction_mean"] for r in front], [r[f"{name}_mean"] for r in front], "--", color="0.5",
+            lw=1, label="Pareto front")
+    ax.set_xlabel("MACs per image (fraction of the full sampler, CFG included)")
+    ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better; mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
