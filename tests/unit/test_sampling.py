@@ -112,3 +112,25 @@ def test_l2c_caching_nothing_equals_no_cache_bit_for_bit(arch, algo, steps, guid
     assert torch.equal(sample(model, solver, keep_all, x, y, guidance), ref)
     cache_all = L2CPolicy(theta=1.0, solver=solver)  # sigmoid > 1 never: reuse everything
     assert not torch.equal(sample(model, solver, cache_all, x, y, guidance), ref)
+
+
+def test_clip_denoised_clips_x0_and_rederives_eps_and_is_off_by_default():
+    """ADM's clip_denoised for pixel-space teachers: x0 in [-1, 1], eps re-derived so x = alpha x0 + sigma eps
+    holds exactly (float64); a backbone without it (the default, DiT's latents) is untouched."""
+    from diffcache.denoiser import Denoiser
+    from diffcache.solvers import DDIM
+    from tiny_models import perturbed
+
+    model = perturbed("tiny_dit", scale=3.0, in_channels=1).double()  # large outputs: x0 far outside [-1, 1]
+    solver = DDIM(10)
+    x = torch.randn(2, 1, model.input_size, model.input_size, generator=torch.Generator().manual_seed(0)).double()
+    y = torch.tensor([1, 2])
+    k = 1
+    plain = Denoiser(model)(x, k, solver, y)
+    assert not model.clip_denoised and float(plain.x0.abs().max()) > 1.5
+    model.clip_denoised = True
+    out = Denoiser(model)(x, k, solver, y)
+    a, s = solver.alpha_sigma(k)
+    torch.testing.assert_close(out.x0, plain.x0.clamp(-1, 1), rtol=0, atol=0)
+    torch.testing.assert_close(a * out.x0 + s * out.eps, x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.raw, plain.raw, rtol=0, atol=0)  # the network's output is untouched
