@@ -62,8 +62,8 @@ def test_compare_table_puts_the_router_next_to_the_cheap_alternatives(tmp_path, 
     few = [r for r in rows if r["method"].startswith("fewer steps")]
     assert l2c["macs_fraction"] < 0.9  # theta 0.9 on N(0, 1) logits: most cache-step branches reused
     # equal compute: the fewest DDIM steps whose MACs reach L2C's
-    assert few and few[0]["steps"] < 20 and few[0]["gmacs"] >= l2c["gmacs"]
-    assert (few[0]["steps"] - 1) * full["gmacs"] / 20 < l2c["gmacs"]
+    assert few and few[0]["nfe"] < 20 and few[0]["gmacs"] >= l2c["gmacs"]
+    assert (few[0]["nfe"] - 1) * full["gmacs"] / 20 < l2c["gmacs"]
     for r in rows:
         assert {"tiny_fid", "tiny_is", "psnr", "gmacs", "latency_s"} <= set(r)
     assert (tmp_path / "comparison.md").read_text().count("\n") == len(rows) + 2

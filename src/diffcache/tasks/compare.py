@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -50,11 +51,10 @@ def _samples(backbone, solver, policy, n: int, bs: int, guidance, seed: int, dev
 
 def fewer_steps(solver_cfg, backbone, target_macs: float, guidance):
     """The smallest step count of the same solver whose full MACs reach ``target_macs`` (None if none)."""
-    full = instantiate(solver_cfg)
-    for n in range(1, full.num_steps + 1):
+    for n in range(1, int(solver_cfg.num_steps) + 1):  # the config's num_steps (the NFE for DPM-Solver-2)
         try:
             s = instantiate(solver_cfg, num_steps=n)
-        except ValueError:  # e.g. an odd NFE for DPM-Solver-2
+        except (ValueError, InstantiationException):  # e.g. an odd NFE for DPM-Solver-2
             continue
         if policy_cost(backbone, s, None, guidance=guidance)["macs_cfg"] >= target_macs:
             return s
@@ -75,16 +75,16 @@ def candidates(cfg, backbone, solver, router_path, guidance) -> list[dict]:
     c = cfg.compare
     theta = float(cfg.policy.theta)
     l2c = L2CPolicy.from_official(router_path, solver=solver, theta=theta)
-    full = f"{solver.name}-{solver.num_steps}"
+    full = f"{solver.name}-{solver.num_evals}"  # named by model evaluations (NFE), as the configs are
     rows = [dict(method=f"full {full}", kind="full", key=f"full:{full}", solver=solver, policy=None),
             dict(method=f"L2C theta={theta:g}", kind="l2c", key=f"l2c:{full}:{_sha256(router_path)}:{theta!r}",
                  solver=solver, policy=l2c)]
     few = fewer_steps(cfg.solver, backbone, policy_cost(backbone, solver, l2c, guidance=guidance)["macs_cfg"], guidance)
-    steps = sorted({int(n) for n in c.get("steps", [])} | ({few.num_steps} if few is not None else set()))
+    steps = sorted({int(n) for n in c.get("steps", [])} | ({few.num_evals} if few is not None else set()))
     for n in steps:
-        if n < solver.num_steps:
+        if n < solver.num_evals:
             s = instantiate(cfg.solver, num_steps=n)
-            tag = "fewer steps" if few is not None and n == few.num_steps else "steps"
+            tag = "fewer steps" if few is not None and n == few.num_evals else "steps"
             rows.append(dict(method=f"{tag} {s.name}-{n}", kind="steps", key=f"full:{s.name}-{n}", solver=s, policy=None))
     for k in c.fora_intervals:
         rows.append(dict(method=f"FORA N={k}", kind="fora", key=f"fora:{full}:{int(k)}", solver=solver,
@@ -156,7 +156,7 @@ def compare(cfg, backbone, solver, router_path, out_dir) -> list[dict]:
             teacher, _ = _samples(backbone, cands[0]["solver"], None, n, bs, guidance, seed, device)
         x, times = _samples(backbone, s, policy, n, bs, guidance, seed, device)
         teacher = x if teacher is None else teacher  # the first row is the full sampler
-        row = {"method": cand["method"], "kind": cand["kind"], "steps": s.num_steps}
+        row = {"method": cand["method"], "kind": cand["kind"], "nfe": s.num_evals}
         if quality is not None:
             quality.reset()
             for i in range(0, n, bs):
