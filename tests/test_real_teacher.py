@@ -110,17 +110,17 @@ def test_a_threshold_that_caches_nothing_is_the_uncached_sampler_bit_for_bit(tmp
     assert not torch.equal(sample(backbone, solver, policy, noise, y, float(cfg.backbone.guidance)), full)
 
 
-def test_a_second_run_reuses_the_measured_comparison_rows_and_says_so(tmp_path, caplog):
+def test_a_second_run_reuses_the_router_and_the_measured_comparison_rows_and_says_so(tmp_path, caplog):
     from diffcache.tasks.train import train
 
     args = [*BASE, "trainer.max_steps=2", "callbacks=none", "policy.theta=0.9", "metrics=mnist", "compare=default",
             "trainer.limit_val_batches=0", "compare.num_samples=8", "compare.batch_size=4", "compare.toca=false",
-            "compare.fora_intervals=[2]", f"compare.cache_dir={tmp_path / 'cache'}"]
+            "compare.fora_intervals=[2]", f"compare.cache_dir={tmp_path / 'cache'}", f"router_cache={tmp_path / 'routers'}"]
     tables = []
     for run in ("first", "second"):
         cfg = compose_cfg("train", args, tmp_path / run)
         caplog.clear()
-        with caplog.at_level("INFO", logger="diffcache.tasks.compare"):
+        with caplog.at_level("INFO", logger="diffcache"):
             train(cfg)
         tables.append(json.loads((tmp_path / run / "comparison.json").read_text()))
         assert (tmp_path / run / "comparison_samples.png").is_file()
@@ -129,5 +129,8 @@ def test_a_second_run_reuses_the_measured_comparison_rows_and_says_so(tmp_path, 
     assert not any(r["reused"] for r in first) and all(r["reused"] for r in second)
     for a, b in zip(first, second):  # the same router (same seed) and the same teacher: the same rows
         assert {k: v for k, v in a.items() if k != "reused"} == {k: v for k, v in b.items() if k != "reused"}
-    assert f"{len(second)} of {len(second)} rows reused" in caplog.text
+    assert f"{len(second)} of {len(second)} rows reused" in caplog.text and "router reused from the cache" in caplog.text
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("first", "second")]
+    assert "reused_router" not in summaries[0] and summaries[1]["reused_router"].startswith(str(tmp_path / "routers"))
+    assert (tmp_path / "second" / "router.pt").read_bytes() == (tmp_path / "first" / "router.pt").read_bytes()
     assert first[0]["mnist_fid"] > 0 and first[0]["psnr"] >= 100 and first[1]["macs_fraction"] < 1.0

@@ -7,15 +7,17 @@ checkpoint from another solver, interval or backbone is refused (``RouterDistill
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..utils.build import build_backbone, build_callbacks, build_loggers, build_policy, build_solver
 from ..utils.console import StepProgressBar, model_summary_line, setup_console
@@ -55,6 +57,40 @@ def check_resume(path, policy) -> None:
                          f"{policy.num_routers} of {policy.num_sites}: it was trained with another backbone or solver")
 
 
+# trainer settings that do not change the trained router (the router cache ignores them)
+_TRAINER_COSMETIC = {"default_root_dir", "enable_progress_bar", "log_every_n_steps", "enable_model_summary",
+                     "val_check_interval", "limit_val_batches", "check_val_every_n_epoch", "num_sanity_val_steps",
+                     "enable_checkpointing"}
+
+
+def router_cache_dir(cfg) -> Path | None:
+    """Where this run's router is kept for reuse: keyed by the teacher's weights (sha256) and every setting
+    that shapes the router (not paths, loggers, callbacks, metrics or the comparison); None when the
+    teacher is random weights, a resume is asked for, or ``router_cache`` is null."""
+    from .compare import _sha256
+
+    root, ckpt = cfg.get("router_cache"), cfg.backbone.get("ckpt")
+    if not root or not ckpt or not Path(ckpt).is_file() or cfg.get("ckpt_path"):
+        return None
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("backbone", "solver", "policy", "module", "data")}
+    parts["backbone"]["ckpt"] = _sha256(ckpt)
+    parts["trainer"] = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                        if k not in _TRAINER_COSMETIC}
+    parts["seed"] = cfg.seed
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return Path(root) / key
+
+
+def _reuse_router(cache: Path | None, out: Path) -> dict | None:
+    if cache is None or not (cache / "summary.json").is_file():
+        return None
+    for f in cache.glob("router*"):
+        shutil.copy2(f, out / f.name)
+    summary = json.loads((cache / "summary.json").read_text())
+    summary["router"] = str(out / Path(summary["router"]).name)
+    return summary
+
+
 def train(cfg: DictConfig) -> dict:
     """Train a cache router; returns the final metrics (also written to ``summary.json``)."""
     setup_console()
@@ -70,6 +106,14 @@ def train(cfg: DictConfig) -> dict:
     metrics = cfg.get("metrics")
     quality = instantiate(metrics.quality) if metrics else None
     val = {"val_samples": metrics.val_samples, "val_batch_size": metrics.val_batch_size} if metrics else {}
+    cache = router_cache_dir(cfg)
+    reused = _reuse_router(cache, out)
+    if reused is not None:
+        log.info("router reused from the cache %s: the same teacher weights, settings and seed were trained "
+                 "before (router_cache=null retrains)", cache)
+        (out / "summary.json").write_text(json.dumps({**reused, "reused_router": str(cache)}, indent=2))
+        _compare(cfg, backbone, solver, Path(reused["router"]), out)
+        return {k: v for k, v in reused.items() if isinstance(v, float)}
     datamodule = instantiate(cfg.data, **val).bind(backbone)
     module = instantiate(cfg.module)(backbone, solver, policy, quality=quality,
                                      val_guidance=metrics.guidance if metrics else None)
@@ -103,16 +147,27 @@ def train(cfg: DictConfig) -> dict:
             log.warning("interrupted: router of the last completed step (%d) saved to %s (partial)", step, router_path)
         else:
             log.info("router saved to %s", router_path)
-            if cfg.get("compare"):
-                from .compare import compare, write_table
-
-                rows = compare(cfg, backbone.to(module.device), solver, router_path, out)
-                print(f"\n{write_table(rows, out / 'comparison')}\nsaved: {out / 'comparison.md'} (.csv, .json), "
-                      f"samples {out / 'comparison_samples.png'}, router {router_path}, heatmaps {out / 'router_heatmaps'}, "
-                      f"validation grids {out / 'val_samples'}")
+            if cache is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                for f in out.glob("router*"):
+                    if f.is_file():
+                        shutil.copy2(f, cache / f.name)
+                shutil.copy2(out / "summary.json", cache / "summary.json")  # last: marks the entry complete
+            _compare(cfg, backbone.to(module.device), solver, router_path, out)
     if partial:
         sys.exit(130)
     return metrics
+
+
+def _compare(cfg, backbone, solver, router_path: Path, out: Path) -> None:
+    if not cfg.get("compare"):
+        return
+    from .compare import compare, write_table
+
+    rows = compare(cfg, backbone, solver, router_path, out)
+    print(f"\n{write_table(rows, out / 'comparison')}\nsaved: {out / 'comparison.md'} (.csv, .json), "
+          f"samples {out / 'comparison_samples.png'}, router {router_path}, heatmaps {out / 'router_heatmaps'}, "
+          f"validation grids {out / 'val_samples'}")
 
 
 def _macs(backbone, solver, policy) -> dict:
