@@ -6,8 +6,9 @@ Rows: the full sampler; L2C at its theta; the fewest-step version of the same so
 preset. Each row: quality from the configured metrics (e.g. MNIST-FID / MNIST-IS), PSNR / MSE to the full
 sampler on the same noise, MACs per image (CFG included), latency (median wall time of one batch: of the
 quality batches themselves by default, or of ``latency_repeats`` extra runs after a warm-up) and the measured
-speedup. Written as ``comparison.{csv,md,json}`` and printed, with ``comparison_samples.png`` (one row of samples per method, same noise and labels in every column) when the
-backbone samples images.
+speedup. Written as ``comparison.{csv,md,json}`` and printed, with ``comparison_samples.png`` (one row of
+samples per method, the same noise and labels in every column) when the backbone samples images. Rows are
+cached on disk (:class:`RowCache`); a reused row keeps the latency measured when it was made.
 """
 from __future__ import annotations
 
@@ -109,7 +110,9 @@ class RowCache:
         if self.dir is None or not ckpt or not Path(ckpt).is_file():
             self.dir = None  # random weights: nothing identifies the teacher
             return
-        metrics = OmegaConf.to_container(cfg.metrics.quality, resolve=True) if cfg.get("metrics") else None
+        metrics = OmegaConf.to_container(cfg.metrics.quality, resolve=True) if cfg.get("metrics") else {}
+        metrics = {k: (_sha256(v) if isinstance(v, str) and Path(v).is_file() else v)  # e.g. the classifier
+                   for k, v in metrics.items()}
         self.base = json.dumps({"teacher": _sha256(ckpt), "clip": bool(backbone.clip_denoised),
                                 "n": int(c.num_samples), "bs": int(c.batch_size), "seed": int(c.seed),
                                 "guidance": float(c.guidance), "metrics": metrics,
