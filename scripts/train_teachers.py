@@ -100,6 +100,7 @@ def cmd_evaluate(args: list[str]) -> None:
     rec.setdefault("evaluation", {}).update(fig)
     rec["files"] = sorted(set(rec.get("files", [])) | {fig["grid"]})
     rec["evaluate_command"] = "python " + " ".join([f"scripts/{Path(sys.argv[0]).name}"] + sys.argv[1:])
+    rec["evaluate_commit"] = START_COMMIT  # the sampler that measured it (may be later than the training's)
     RECORDS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=2))
     print(json.dumps(fig, indent=2))

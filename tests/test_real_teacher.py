@@ -77,7 +77,8 @@ def test_distillation_target_is_the_uncached_ddim_evaluation_at_the_same_step_an
         module._distill_at(m, x0, y, len(y), g)
     (x_teacher, k_teacher, target), (x_student, k_student, _) = calls[-2:]
     assert k_teacher == k_student == m and torch.equal(x_teacher, x_student)
-    # independently: forward-diffuse to the full step before m, one uncached DDIM (eta 0) step, evaluate
+    # independently: forward-diffuse to the full step before m, one uncached DDIM (eta 0) step with x0
+    # clipped (ADM's clip_denoised, as the pixel-space teacher samples), evaluate the plain backbone
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     abar = np.cumprod(1.0 - betas)
     t_prev, t_m = (int(v) for v in solver.model_times()[[m - 1, m]])
@@ -86,6 +87,9 @@ def test_distillation_target_is_the_uncached_ddim_evaluation_at_the_same_step_an
     with torch.no_grad():
         e = backbone(x_start.float(), torch.full((8,), float(t_prev)), y)[:, :1].double()
     x0_pred = (x_start - np.sqrt(1 - abar[t_prev]) * e) / np.sqrt(abar[t_prev])
+    assert backbone.clip_denoised  # the pixel-space teacher's sampler clips x0 and re-derives eps (ADM)
+    x0_pred = x0_pred.clamp(-1, 1)
+    e = (x_start - np.sqrt(abar[t_prev]) * x0_pred) / np.sqrt(1 - abar[t_prev])
     x_m = np.sqrt(abar[t_m]) * x0_pred + np.sqrt(1 - abar[t_m]) * e
     torch.testing.assert_close(x_teacher.double(), x_m, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
