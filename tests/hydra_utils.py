@@ -22,7 +22,7 @@ def with_tiny(name: str, overrides: list[str]) -> list[str]:
     """``overrides`` plus ``backbone=tiny_dit`` for train configs that pick no backbone / experiment."""
     if name != "train" or any(o.split("=", 1)[0].lstrip("+~") in ("backbone", "experiment") for o in overrides):
         return list(overrides)
-    return [*TINY, *overrides]
+    return [*overrides, *TINY]  # after the flags (train.py -m ...: argparse takes one block of overrides)
 
 
 def compose_cfg(name: str, overrides: list[str], out: Path):
