@@ -32,6 +32,7 @@ from ..policies.fora import FORAPolicy
 from ..policies.l2c import L2CPolicy
 from ..policies.toca import ToCaPolicy
 from ..sampling import sample
+from ..utils.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 GRID_COLUMNS = 12
@@ -62,13 +63,6 @@ def fewer_steps(solver_cfg, backbone, target_macs: float, guidance):
     return None
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def candidates(cfg, backbone, solver, router_path, guidance) -> list[dict]:
     """The rows to measure: ``{"method", "kind", "key", "solver", "policy"}``; ``key`` names what the row's
@@ -78,7 +72,7 @@ def candidates(cfg, backbone, solver, router_path, guidance) -> list[dict]:
     l2c = L2CPolicy.from_official(router_path, solver=solver, theta=theta)
     full = f"{solver.name}-{solver.num_evals}"  # named by model evaluations (NFE), as the configs are
     rows = [dict(method=f"full {full}", kind="full", key=f"full:{full}", solver=solver, policy=None),
-            dict(method=f"L2C theta={theta:g}", kind="l2c", key=f"l2c:{full}:{_sha256(router_path)}:{theta!r}",
+            dict(method=f"L2C theta={theta:g}", kind="l2c", key=f"l2c:{full}:{file_sha256(router_path)}:{theta!r}",
                  solver=solver, policy=l2c)]
     few = fewer_steps(cfg.solver, backbone, policy_cost(backbone, solver, l2c, guidance=guidance)["macs_cfg"], guidance)
     steps = sorted({int(n) for n in c.get("steps", [])} | ({few.num_evals} if few is not None else set()))
@@ -111,9 +105,9 @@ class RowCache:
             self.dir = None  # random weights: nothing identifies the teacher
             return
         metrics = OmegaConf.to_container(cfg.metrics.quality, resolve=True) if cfg.get("metrics") else {}
-        metrics = {k: (_sha256(v) if isinstance(v, str) and Path(v).is_file() else v)  # e.g. the classifier
+        metrics = {k: (file_sha256(v) if isinstance(v, str) and Path(v).is_file() else v)  # e.g. the classifier
                    for k, v in metrics.items()}
-        self.base = json.dumps({"teacher": _sha256(ckpt), "clip": bool(backbone.clip_denoised),
+        self.base = json.dumps({"teacher": file_sha256(ckpt), "clip": bool(backbone.clip_denoised),
                                 "n": int(c.num_samples), "bs": int(c.batch_size), "seed": int(c.seed),
                                 "guidance": float(c.guidance), "metrics": metrics,
                                 "latency_repeats": int(c.latency_repeats), "torch": torch.__version__,

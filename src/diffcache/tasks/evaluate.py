@@ -9,7 +9,6 @@ has error 0, and every number reproduces (everything is seeded per sample index)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from ..sampling import sample
 from ..utils.build import build_backbone, build_loggers, build_policy, build_solver
 from ..utils.console import setup_console
 from .eval_io import Conditioning, decode, save_grid
+from ..utils.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,6 @@ def _quality(cfg, cached: torch.Tensor, full: torch.Tensor | None) -> dict:
     return quality.compute()
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def evaluate(cfg: DictConfig) -> dict:
     setup_console()
@@ -127,7 +120,7 @@ def evaluate(cfg: DictConfig) -> dict:
     result: dict = {"run_name": cfg.run_name, "num_samples": int(cached.shape[0]), "guidance": guidance,
                     "num_evals": solver.num_evals, "seed": int(cfg.seed), "overrides": _task_overrides()}
     if router:
-        result.update({"router": str(router), "router_sha256": _sha256(router)})
+        result.update({"router": str(router), "router_sha256": file_sha256(router)})
     cost = policy_cost(backbone, solver, policy, guidance=guidance)
     result.update({k: v for k, v in cost.items() if k in ("macs", "macs_full", "flops", "flops_full", "cfg_factor")})
     result.update({"macs_fraction": cost["macs_ratio"], "speedup_macs": cost["speedup_macs"],
