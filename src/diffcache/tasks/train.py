@@ -67,13 +67,13 @@ def router_cache_dir(cfg) -> Path | None:
     """Where this run's router is kept for reuse: keyed by the teacher's weights (sha256) and every setting
     that shapes the router (not paths, loggers, callbacks, metrics or the comparison); None when the
     teacher is random weights, a resume is asked for, or ``router_cache`` is null."""
-    from .compare import _sha256
+    from ..utils.hashing import file_sha256
 
     root, ckpt = cfg.get("router_cache"), cfg.backbone.get("ckpt")
     if not root or not ckpt or not Path(ckpt).is_file() or cfg.get("ckpt_path"):
         return None
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("backbone", "solver", "policy", "module", "data")}
-    parts["backbone"]["ckpt"] = _sha256(ckpt)
+    parts["backbone"]["ckpt"] = file_sha256(ckpt)
     parts["trainer"] = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                         if k not in _TRAINER_COSMETIC}
     parts["seed"] = cfg.seed
