@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 
 from .figures import save_figure
+from .pareto import pareto_front
 
 METRICS = ["mnist_fid", "mnist_is", "fid", "is", "psnr", "macs_fraction", "gmacs", "latency_s", "speedup_latency"]
 QUALITY = [("mnist_fid", False), ("fid", False), ("tiny_fid", False), ("psnr", True)]  # first present is the axis
@@ -97,14 +98,8 @@ def frontier_png(rows: list[dict], path: Path) -> Path | None:
         for r in sub:
             ax.annotate(r["method"][:40], (r["macs_fraction_mean"], r[f"{name}_mean"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
-    sign = -1.0 if higher else 1.0
-    best, front = float("inf"), []
-    for r in sorted(pts, key=lambda r: (r["macs_fraction_mean"], sign * r[f"{name}_mean"])):
-        if sign * r[f"{name}_mean"] < best:
-            best = sign * r[f"{name}_mean"]
-            front.append(r)
-    ax.plot([r["macs_fraction_mean"] for r in front], [r[f"{name}_mean"] for r in front], "--", color="0.5",
-            lw=1, label="Pareto front")
+    front = pareto_front([(r["macs_fraction_mean"], r[f"{name}_mean"]) for r in pts], higher)
+    ax.plot([x for x, _ in front], [y for _, y in front], "--", color="0.5", lw=1, label="Pareto front")
     ax.set_xlabel("MACs per image (fraction of the full sampler, CFG included)")
     ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better; mean ± std over seeds)")
     ax.grid(alpha=0.3)

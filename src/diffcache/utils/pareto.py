@@ -11,7 +11,7 @@ QUALITY = [("val/mnist_fid", False), ("val/fid", False), ("psnr_vs_full_db", Tru
            ("mse_vs_full", False), ("train/mse", False)]
 
 
-def _front(points: list[tuple[float, float]], higher_better: bool) -> list[tuple[float, float]]:
+def pareto_front(points: list[tuple[float, float]], higher_better: bool) -> list[tuple[float, float]]:
     """Points no other point beats on both axes (x: lower is better)."""
     key = (lambda q: -q) if higher_better else (lambda q: q)
     return sorted(p for p in points if not any(o != p and o[0] <= p[0] and key(o[1]) <= key(p[1]) for o in points))
@@ -38,7 +38,7 @@ def pareto_png(rows: list[dict], path: str | Path) -> Path | None:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue")
         for x, y, run in pts:
             ax.annotate(run[:28], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = _front([(x, y) for x, y, _ in pts], higher)
+        front = pareto_front([(x, y) for x, y, _ in pts], higher)
         ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1.2, label="Pareto front")
         ax.set_xlabel(label)
         ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better)")
