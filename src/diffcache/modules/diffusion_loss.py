@@ -9,6 +9,13 @@ model mean built from a *stopped-gradient* eps so the bound only trains the vari
 U-ViT (``LSimple``): mean squared error of the noise prediction, the time input being the 1-based discrete
 step ``n + 1`` (its ``Schedule`` prepends alpha_bar = 1 at index 0), which is ``time_input: scaled``.
 Tables are float64 (as ADM's numpy tables) and cast per batch.
+
+``loss_weight`` (ours, not in either reference; ``uniform`` is the faithful default): ``v`` weights each
+sample's eps-MSE by ``min(1 / alpha_bar_t, weight_max)``, the weight under which eps-MSE equals the v-prediction
+MSE (Salimans & Ho 2022) up to the cap. Why: with uniform weights the eps loss at high noise is ~1e-4 and
+its x0 error (amplified by ``sigma / alpha``) is never trained down; a small pixel-space transformer then
+predicts x0 at t > 700 *worse than the class-mean image* and samples the wrong class. The variance's bound
+term is not weighted.
 """
 from __future__ import annotations
 
@@ -50,7 +57,15 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 class GaussianDiffusionLoss:
     """The discrete forward process of a named schedule and the two training objectives on it."""
 
-    def __init__(self, schedule: str = "linear", num_train_timesteps: int = 1000):
+    WEIGHTS = ("uniform", "v")
+
+    def __init__(self, schedule: str = "linear", num_train_timesteps: int = 1000, loss_weight: str = "uniform",
+                 weight_max: float = 1000.0):
+        if loss_weight not in self.WEIGHTS:
+            raise ValueError(f"module.loss_weight must be one of {self.WEIGHTS}, got {loss_weight!r}")
+        if not float(weight_max) >= 1.0:
+            raise ValueError(f"module.weight_max caps the loss weight and must be >= 1, got {weight_max}")
+        self.loss_weight, self.weight_max = loss_weight, float(weight_max)
         self.T = int(num_train_timesteps)
         b = make_betas(schedule, self.T)
         ac = alphas_cumprod_of(b)
@@ -64,6 +79,7 @@ class GaussianDiffusionLoss:
             "post_coef1": b * np.sqrt(ac_prev) / (1.0 - ac),
             "post_coef2": (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac),
             "log_betas": np.log(b),
+            "v_weight": np.minimum(1.0 / ac, float(weight_max)),
         }
         self.tables = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in tables.items()}
 
@@ -95,6 +111,12 @@ class GaussianDiffusionLoss:
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
+    def weighted(self, mse: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample eps-MSE times the configured weight of its step (1 for ``uniform``)."""
+        if self.loss_weight == "uniform":
+            return mse
+        return mse * self._at("v_weight", t, mse)
+
     def sample_t(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randint(0, self.T, (batch,), generator=generator).to(device)
 
@@ -108,11 +130,11 @@ class GaussianDiffusionLoss:
         eps, var_values = out[:, :C], out[:, C:]
         vb = self.vb_terms_bpd(eps.detach(), var_values, x0, xt, t)  # the bound trains the variance only
         mse = mean_flat((noise - eps) ** 2)
-        return {"loss": (mse + vb).mean(), "mse": mse.mean(), "vb": vb.mean()}
+        return {"loss": (self.weighted(mse, t) + vb).mean(), "mse": mse.mean(), "vb": vb.mean()}
 
     def uvit_loss(self, model, x0, y, t, noise) -> dict[str, torch.Tensor]:
         """U-ViT's ``LSimple``: eps-MSE, the network seeing the 1-based step ``t + 1``."""
         xt = self.q_sample(x0, t, noise)
         eps = model(xt, (t + 1).to(x0.dtype), y)
         mse = mean_flat((noise - eps) ** 2)
-        return {"loss": mse.mean(), "mse": mse.mean()}
+        return {"loss": self.weighted(mse, t).mean(), "mse": mse.mean()}

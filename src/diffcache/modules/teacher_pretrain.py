@@ -49,7 +49,8 @@ class TeacherPretrain(L.LightningModule):
                  lr_schedule: str = "constant", max_steps: int | None = None,
                  label_drop: float = 0.1, guidance: float | None = None, time_input: str = "scaled",
                  grid_per_class: int = 8, out_dir: str | None = None, export_name: str | None = None,
-                 grid_dir: str | None = None, seed: int = 0, **_: Any):
+                 grid_dir: str | None = None, seed: int = 0, loss_weight: str = "uniform",
+                 weight_max: float = 1000.0, **_: Any):
         super().__init__()
         if backbone.text_conditioned:
             raise ValueError(f"teacher_pretrain trains class-conditional backbones, got {type(backbone).__name__}")
@@ -61,7 +62,7 @@ class TeacherPretrain(L.LightningModule):
             raise ValueError(f"module.ema_decay must lie in [0, 1), got {ema_decay}")
         self.backbone = backbone.train()
         self.ema = copy.deepcopy(backbone).requires_grad_(False).eval()
-        self.diffusion = GaussianDiffusionLoss(schedule, num_train_timesteps)
+        self.diffusion = GaussianDiffusionLoss(schedule, num_train_timesteps, loss_weight, weight_max)
         self.schedule, self.time_input, self.guidance = schedule, time_input, guidance
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.lr_schedule, self.max_steps = lr_schedule, max_steps
