@@ -132,3 +132,30 @@ def test_q_sample_uses_alpha_bar():
     x0, noise = torch.ones(1, 1, 1, 1, dtype=torch.float64), torch.full((1, 1, 1, 1), 2.0, dtype=torch.float64)
     got = d.q_sample(x0, torch.tensor([250]), noise)
     assert float(got) == pytest.approx(math.sqrt(ALPHA_BAR[250]) + 2 * math.sqrt(1 - ALPHA_BAR[250]), rel=1e-12)
+
+
+@pytest.mark.parametrize("cap", [1e9, 50.0])
+def test_v_weight_is_the_v_prediction_mse_up_to_the_cap(cap):
+    """loss_weight=v: the eps-MSE of each sample becomes the MSE of v = alpha eps - sigma x0 (computed here from
+    the eps prediction and the x0 it implies), capped at ``cap`` times the eps-MSE; uniform is the plain MSE."""
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.rand(4, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64)
+    pred = noise + 0.1 * torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 300, 800, 999])
+    a = torch.as_tensor(np.sqrt(ALPHA_BAR[t.numpy()])).view(-1, 1, 1, 1)
+    s = torch.sqrt(1 - a ** 2)
+    xt = a * x0 + s * noise
+    x0_hat = (xt - s * pred) / a
+    v_mse = ((a * noise - s * x0) - (a * pred - s * x0_hat)).pow(2).flatten(1).mean(1)
+    eps_mse = (noise - pred).pow(2).flatten(1).mean(1)
+    want = torch.minimum(v_mse, cap * eps_mse).mean()
+    got = GaussianDiffusionLoss("linear", 1000, loss_weight="v", weight_max=cap).uvit_loss(
+        _Fixed(pred.clone()), x0, torch.zeros(4, dtype=torch.long), t, noise)
+    torch.testing.assert_close(got["loss"], want, rtol=1e-9, atol=0)
+    torch.testing.assert_close(got["mse"], eps_mse.mean())  # the logged MSE stays unweighted
+    plain = GaussianDiffusionLoss("linear", 1000).uvit_loss(_Fixed(pred.clone()), x0, torch.zeros(4, dtype=torch.long),
+                                                            t, noise)
+    torch.testing.assert_close(plain["loss"], eps_mse.mean())
+    with pytest.raises(ValueError, match="loss_weight"):
+        GaussianDiffusionLoss("linear", 1000, loss_weight="snr")
