@@ -68,3 +68,29 @@ def test_compare_table_puts_the_router_next_to_the_cheap_alternatives(tmp_path, 
         assert {"tiny_fid", "tiny_is", "psnr", "gmacs", "latency_s"} <= set(r)
     assert (tmp_path / "comparison.md").read_text().count("\n") == len(rows) + 2
     assert "comparison.md" in capsys.readouterr().out
+
+
+def test_compare_rows_of_a_budget_conditioned_router_and_of_searched_schedules(tmp_path):
+    """One budget-conditioned router gives a row per requested budget; searched schedules (greedy and DP) are
+    rows whose MACs lie within one branch below their budget, with their search time next to the training time."""
+    from diffcache.metrics.cost import policy_cost
+    from diffcache.policies.search.searcher import site_macs
+    from diffcache.utils.build import build_backbone, build_solver
+
+    cfg = compose_cfg("train", [*PIXEL, "trainer.max_steps=2", "callbacks=none", "compare=default",
+                                "module.objective=budget", "compare.router_budgets=[0.3,0.7]",
+                                "compare.search.budgets=[0.9,0.95]", "compare.search.num_samples=2",
+                                "compare.fora_intervals=[]", "compare.toca=false",
+                                "compare.num_samples=4", "compare.batch_size=2"], tmp_path)
+    train(cfg)
+    rows = {r["method"]: r for r in json.loads((tmp_path / "comparison.json").read_text())}
+    b3, b7 = rows["L2C budget-conditioned b=0.3"], rows["L2C budget-conditioned b=0.7"]
+    assert b3["kind"] == b7["kind"] == "budget" and b3["macs_fraction"] < b7["macs_fraction"] < 1.0
+    assert b3["train_s"] > 0 and b3["train_s"] == b7["train_s"]
+    bb, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
+    branch = float(site_macs(bb).max()) / policy_cost(bb, solver)["macs"]
+    for b in (0.9, 0.95):
+        for m in ("greedy", "dp"):
+            r = rows[f"search {m} b={b:g}"]
+            assert r["kind"] == "search" and r["search_s"] > 0 and "train_s" not in r
+            assert b - branch - 1e-9 < r["macs_fraction"] <= b + 1e-9, (m, b, r["macs_fraction"], branch)

@@ -6,7 +6,10 @@ Rows: the full sampler; L2C at its theta; the fewest-step version of the same so
 preset. Each row: quality from the configured metrics (e.g. MNIST-FID / MNIST-IS), PSNR / MSE to the full
 sampler on the same noise, MACs per image (CFG included), latency (median wall time of one batch: of the
 quality batches themselves by default, or of ``latency_repeats`` extra runs after a warm-up) and the measured
-speedup. Written as ``comparison.{csv,md,json}`` and printed, with ``comparison_samples.png`` (one row of
+speedup. A budget-conditioned router (``module.objective=budget``) gives one row per ``compare.router_budgets``
+instead of the theta row; ``compare.search.budgets`` adds searched schedules (greedy and DP, on a calibration
+set disjoint from the evaluation set), each with its search wall time (``search_s``) next to the router's
+training time (``train_s``). Written as ``comparison.{csv,md,json}`` and printed, with ``comparison_samples.png`` (one row of
 samples per method, the same noise and labels in every column) when the backbone samples images. Rows are
 cached on disk (:class:`RowCache`); a reused row keeps the latency measured when it was made.
 """
@@ -64,17 +67,58 @@ def fewer_steps(solver_cfg, backbone, target_macs: float, guidance):
 
 
 
+def router_rows(cfg, solver, router_path, full: str) -> list[dict]:
+    """The trained router's rows: L2C at its theta, or one row per budget of a budget-conditioned router."""
+    c, theta, sha = cfg.compare, float(cfg.policy.theta), file_sha256(router_path)
+    if OmegaConf.select(cfg, "module.objective", default="l2c") == "budget":
+        return [dict(method=f"L2C budget-conditioned b={float(b):g}", kind="budget",
+                     key=f"budget:{full}:{sha}:{float(b)!r}", solver=solver,
+                     policy=L2CPolicy.from_official(router_path, solver=solver, theta=theta, budget=float(b)))
+                for b in c.get("router_budgets") or [0.2, 0.4, 0.6, 0.8]]
+    return [dict(method=f"L2C theta={theta:g}", kind="l2c", key=f"l2c:{full}:{sha}:{theta!r}", solver=solver,
+                 policy=L2CPolicy.from_official(router_path, solver=solver, theta=theta))]
+
+
+def search_rows(cfg, solver, full: str) -> list[dict]:
+    """Searched schedules (:class:`~diffcache.policies.search.ScheduleSearch`), one row per (method, budget);
+    the error table is measured once, when the first row not in the cache needs it."""
+    from ..policies.search import ScheduleSearch
+    from ..policies.search.searcher import searched_policy
+
+    s = cfg.compare.get("search") or {}
+    budgets, methods = list(s.get("budgets") or []), list(s.get("methods") or ["greedy", "dp"])
+    if not budgets:
+        return []
+    kw = dict(budget_of=s.get("budget_of", "sampler"), proxy=s.get("proxy", "final"),
+              cache_interval=int(cfg.policy.cache_interval), num_samples=int(s.get("num_samples", 16)),
+              seed=int(cfg.compare.seed) + 1000, guidance=float(cfg.compare.guidance), progress=False)
+    state: dict = {}
+
+    def make(backbone, method: str, budget: float):
+        kw["device"] = next(backbone.parameters()).device.type
+        if "table" not in state:  # measured once for every budget and method of this comparison
+            res = ScheduleSearch(budget=1.0, **kw).run(backbone, solver)
+            state["table"], state["table_s"] = res.table, res.times["table"]
+        res = ScheduleSearch(budget=budget, method=method, **kw).run(backbone, solver, table=state["table"])
+        pol = searched_policy(backbone, solver, res.masks[method], state["table"].routers, kw["cache_interval"])
+        return pol, {"search_s": state["table_s"] + res.times["select"]}
+
+    tag = ":".join(f"{k}={v}" for k, v in sorted(kw.items()) if k != "progress")
+    return [dict(method=f"search {m} b={float(b):g}", kind="search", key=f"search:{full}:{m}:{float(b)!r}:{tag}",
+                 solver=solver, make=lambda bb, m=m, b=float(b): make(bb, m, b))
+            for b in budgets for m in methods]
+
+
 def candidates(cfg, backbone, solver, router_path, guidance) -> list[dict]:
-    """The rows to measure: ``{"method", "kind", "key", "solver", "policy"}``; ``key`` names what the row's
-    numbers depend on besides the teacher and the sample set (the row cache's key)."""
+    """The rows to measure: ``{"method", "kind", "key", "solver", "policy" | "make"}``; ``key`` names what the
+    row's numbers depend on besides the teacher and the sample set (the row cache's key); ``make(backbone)``
+    builds a row's policy only when it is measured, returning (policy, extra columns)."""
     c = cfg.compare
-    theta = float(cfg.policy.theta)
-    l2c = L2CPolicy.from_official(router_path, solver=solver, theta=theta)
     full = f"{solver.name}-{solver.num_evals}"  # named by model evaluations (NFE), as the configs are
-    rows = [dict(method=f"full {full}", kind="full", key=f"full:{full}", solver=solver, policy=None),
-            dict(method=f"L2C theta={theta:g}", kind="l2c", key=f"l2c:{full}:{file_sha256(router_path)}:{theta!r}",
-                 solver=solver, policy=l2c)]
-    few = fewer_steps(cfg.solver, backbone, policy_cost(backbone, solver, l2c, guidance=guidance)["macs_cfg"], guidance)
+    trained = router_rows(cfg, solver, router_path, full)
+    rows = [dict(method=f"full {full}", kind="full", key=f"full:{full}", solver=solver, policy=None), *trained]
+    few = fewer_steps(cfg.solver, backbone, policy_cost(backbone, solver, trained[0]["policy"], guidance=guidance)["macs_cfg"],
+                      guidance)
     steps = sorted({int(n) for n in c.get("steps", [])} | ({few.num_evals} if few is not None else set()))
     for n in steps:
         if n < solver.num_evals:
@@ -90,7 +134,7 @@ def candidates(cfg, backbone, solver, router_path, guidance) -> list[dict]:
             label = "".join(f" {'N' if k == 'fresh_threshold' else 'r'}={val:g}" for k, val in sorted(v.items()))
             rows.append(dict(method=f"ToCa {backbone.toca_preset}{label}", kind="toca",
                              key=f"toca:{full}:{backbone.toca_preset}:{sorted(v.items())}", solver=solver, policy=p))
-    return rows
+    return rows + search_rows(cfg, solver, full)
 
 
 class RowCache:
@@ -131,7 +175,9 @@ class RowCache:
             os.replace(tmp, self._path(key))
 
 
-def compare(cfg, backbone, solver, router_path, out_dir) -> list[dict]:
+def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = None) -> list[dict]:
+    """Measure every candidate row (or reuse it from the cache); ``trained`` (e.g. ``{"train_s": ...}``) is
+    added to the trained router's rows."""
     c = cfg.compare
     guidance = float(c.guidance)
     device = next(backbone.parameters()).device
@@ -141,16 +187,19 @@ def compare(cfg, backbone, solver, router_path, out_dir) -> list[dict]:
     cands = candidates(cfg, backbone, solver, router_path, guidance)
     rows, grid, teacher, reused = [], [], None, 0
     for cand in cands:
-        s, policy = cand["solver"], cand["policy"]
+        s, policy, extra = cand["solver"], cand.get("policy"), dict(trained or {}) if cand["kind"] in ("l2c", "budget") else {}
         hit = cache.get(cand["key"])
         if hit is not None:
             row, shown = hit
-            rows.append({**row, "reused": True})
+            rows.append({**row, **extra, "reused": True})
             grid.append(shown)
             reused += 1
             continue
         if teacher is None and cand is not cands[0]:  # the full row came from the cache: its samples did not
             teacher, _ = _samples(backbone, cands[0]["solver"], None, n, bs, guidance, seed, device)
+        if "make" in cand:
+            policy, made = cand["make"](backbone)
+            extra.update(made)
         x, times = _samples(backbone, s, policy, n, bs, guidance, seed, device)
         teacher = x if teacher is None else teacher  # the first row is the full sampler
         row = {"method": cand["method"], "kind": cand["kind"], "nfe": s.num_evals}
@@ -167,8 +216,9 @@ def compare(cfg, backbone, solver, router_path, out_dir) -> list[dict]:
                              repeats=max(int(c.latency_repeats), 1), warmup=1, device=device)["median_s"]]
         row["latency_s"] = statistics.median(times)
         row["speedup_latency"] = rows[0]["latency_s"] / row["latency_s"] if rows else 1.0
+        row.update({k: v for k, v in extra.items() if k == "search_s"})  # a search's time belongs to the row
         cache.put(cand["key"], row, x[:GRID_COLUMNS])
-        rows.append({**row, "reused": False})
+        rows.append({**row, **extra, "reused": False})
         grid.append(x[:GRID_COLUMNS])
         log.info("compare: %s", json.dumps(row))
     if reused:

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -112,7 +113,7 @@ def train(cfg: DictConfig) -> dict:
         log.info("router reused from the cache %s: the same teacher weights, settings and seed were trained "
                  "before (router_cache=null retrains)", cache)
         (out / "summary.json").write_text(json.dumps({**reused, "reused_router": str(cache)}, indent=2))
-        _compare(cfg, backbone, solver, Path(reused["router"]), out)
+        _compare(cfg, backbone, solver, Path(reused["router"]), out, reused.get("train_s"))
         return {k: v for k, v in reused.items() if isinstance(v, float)}
     datamodule = instantiate(cfg.data, **val).bind(backbone)
     module = instantiate(cfg.module)(backbone, solver, policy, quality=quality,
@@ -126,19 +127,21 @@ def train(cfg: DictConfig) -> dict:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")) or False,
                                      callbacks=callbacks)
     log.info("training %s router: %s; %s", policy.name, cfg.run_name, model_summary_line(module))
-    partial = False
+    partial, t0 = False, time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except SystemExit:  # Lightning exits after a graceful shutdown on Ctrl-C
         if not trainer.interrupted:
             raise
         partial = True
+    train_s = time.perf_counter() - t0  # the fit's wall time (validation included), next to a search's time
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     step = last.restore(policy) if partial else trainer.global_step
     if trainer.is_global_zero:
         router_path = policy.export_official(out / "router")
         metrics.update(policy.summary(backbone.layout, solver))
         summary = {"run_name": cfg.run_name, "router": str(router_path), "global_step": step, "partial": partial,
+                   "train_s": round(train_s, 2),
                    "overrides": _task_overrides(), "lam": policy.lam, "theta": policy.theta,
                    "loss_reduction": module.loss_reduction, "clamp": policy.clamp,
                    "skipped_steps": module.skipped_steps, **_macs(backbone, solver, policy), **metrics}
@@ -153,18 +156,18 @@ def train(cfg: DictConfig) -> dict:
                     if f.is_file():
                         shutil.copy2(f, cache / f.name)
                 shutil.copy2(out / "summary.json", cache / "summary.json")  # last: marks the entry complete
-            _compare(cfg, backbone.to(module.device), solver, router_path, out)
+            _compare(cfg, backbone.to(module.device), solver, router_path, out, train_s)
     if partial:
         sys.exit(130)
     return metrics
 
 
-def _compare(cfg, backbone, solver, router_path: Path, out: Path) -> None:
+def _compare(cfg, backbone, solver, router_path: Path, out: Path, train_s: float | None = None) -> None:
     if not cfg.get("compare"):
         return
     from .compare import compare, write_table
 
-    rows = compare(cfg, backbone, solver, router_path, out)
+    rows = compare(cfg, backbone, solver, router_path, out, None if train_s is None else {"train_s": round(train_s, 2)})
     print(f"\n{write_table(rows, out / 'comparison')}\nsaved: {out / 'comparison.md'} (.csv, .json), "
           f"samples {out / 'comparison_samples.png'}, router {router_path}, heatmaps {out / 'router_heatmaps'}, "
           f"validation grids {out / 'val_samples'}")

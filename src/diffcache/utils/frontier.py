@@ -16,7 +16,8 @@ from pathlib import Path
 from .figures import save_figure
 from .pareto import pareto_front
 
-METRICS = ["mnist_fid", "mnist_is", "fid", "is", "psnr", "macs_fraction", "gmacs", "latency_s", "speedup_latency"]
+METRICS = ["mnist_fid", "mnist_is", "fid", "is", "psnr", "macs_fraction", "gmacs", "latency_s", "speedup_latency",
+           "train_s", "search_s"]
 QUALITY = [("mnist_fid", False), ("fid", False), ("tiny_fid", False), ("psnr", True)]  # first present is the axis
 
 
@@ -25,7 +26,7 @@ def _seed(overrides: list[str]) -> int:
 
 
 def _group(row: dict, overrides: list[str]) -> str:
-    if row.get("kind") != "l2c":
+    if row.get("kind") not in ("l2c", "budget"):  # baselines and searches: the same in every run of a seed
         return row["method"]
     rest = " ".join(o for o in overrides if not o.startswith(("seed=", "hydra", "experiment=")))
     return f"L2C {rest}".strip() + f" ({row['method'].split(' ', 1)[1]})"
@@ -90,7 +91,7 @@ def frontier_png(rows: list[dict], path: Path) -> Path | None:
     pts = [r for r in rows if f"{name}_mean" in r and "macs_fraction_mean" in r]
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
     colors = {"full": "black", "steps": "tab:gray", "l2c": "tab:red", "fora": "tab:blue", "toca": "tab:green",
-              "search": "tab:purple"}
+              "search": "tab:purple", "budget": "tab:orange"}
     for kind in dict.fromkeys(r["kind"] for r in pts):
         sub = [r for r in pts if r["kind"] == kind]
         ax.errorbar([r["macs_fraction_mean"] for r in sub], [r[f"{name}_mean"] for r in sub],
