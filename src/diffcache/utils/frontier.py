@@ -25,10 +25,12 @@ def _seed(overrides: list[str]) -> int:
     return next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("seed=")), 0)
 
 
-def _group(row: dict, overrides: list[str]) -> str:
+def _group(row: dict, overrides: list[str], lam=None) -> str:
     if row.get("kind") not in ("l2c", "budget"):  # baselines and searches: the same in every run of a seed
         return row["method"]
-    rest = " ".join(o for o in overrides if not o.startswith(("seed=", "hydra", "experiment=")))
+    rest = " ".join(o.lstrip("+") for o in overrides if not o.startswith(("seed=", "hydra", "experiment=")))
+    if lam is not None and "lam=" not in rest:  # e.g. an arm (conf/arm/) that sets lambda itself
+        rest += f" lam={lam:g}"
     return f"L2C {rest}".strip() + f" ({row['method'].split(' ', 1)[1]})"
 
 
@@ -40,9 +42,10 @@ def gather(sweep_dir: str | Path) -> list[dict]:
         comp, summ = run / "comparison.json", run / "summary.json"
         if not comp.is_file():
             continue
-        overrides = json.loads(summ.read_text()).get("overrides", []) if summ.is_file() else []
+        summary = json.loads(summ.read_text()) if summ.is_file() else {}
+        overrides = summary.get("overrides", [])
         for row in json.loads(comp.read_text()):
-            g = _group(row, overrides)
+            g = _group(row, overrides, summary.get("lam"))
             kinds[g] = row.get("kind", "")
             seen.setdefault((g, _seed(overrides)), row)
     out = []
