@@ -28,7 +28,8 @@ def _seed(overrides: list[str]) -> int:
 def _group(row: dict, overrides: list[str], lam=None) -> str:
     if row.get("kind") not in ("l2c", "budget"):  # baselines and searches: the same in every run of a seed
         return row["method"]
-    rest = " ".join(o.lstrip("+") for o in overrides if not o.startswith(("seed=", "hydra", "experiment=")))
+    skip = ("seed=", "hydra", "experiment=", "paths.", "compare.")  # not what makes the router
+    rest = " ".join(o.lstrip("+") for o in overrides if not o.lstrip("+").startswith(skip))
     if lam is not None and "lam=" not in rest:  # e.g. an arm (conf/arm/) that sets lambda itself
         rest += f" lam={lam:g}"
     return f"L2C {rest}".strip() + f" ({row['method'].split(' ', 1)[1]})"
