@@ -2,7 +2,8 @@
 
 ``cpu`` (``make bench``): DiT-S/2 random weights, DDIM-10 with CFG 1.5 (DDIM-20 and 50 with --full), batch 1
 and 8 (32 with --full),
-eager and torch.compile (inductor, batch 1; all batches with --full); peers (ours vs diffusers DiT and
+eager and torch.compile (inductor, batch 1; all batches with --full); the shipped MNIST teachers (DiT DDIM-20,
+U-ViT DPM-Solver-2, batch 8, real weights) and cache-dit's DBCache on the MNIST DiT with MNIST-FID; peers (ours vs diffusers DiT and
 PixArt forward, cache-dit DBCache); router-training throughput; scaling PNG. ``gpu`` (``make bench-gpu``):
 DiT-XL/2 with the released routers, bf16, batch 1/8/32, compile; peers at bf16; training at batch 8/64
 with MFU. Everything lands in ``benchmarks/results/`` as JSON + Markdown (``summary.md`` collects it).
@@ -17,12 +18,14 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from . import peers, scaling, speed, train
+from . import cache_dit_mnist, peers, scaling, speed, train
 from .common import RESULTS, machine, save, track_freed_memory
 from .profile import profile_low_efficiency
 
-SECTIONS = ("speed", "peers", "train", "scaling")
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("speed", "mnist", "peers", "train", "scaling")
 
 
 def cpu_set(args) -> dict:
@@ -45,6 +48,17 @@ def cpu_set(args) -> dict:
                 + ", ".join(f"{o['op']} {o['share']:.0%}" for o in p["top_ops"][:3]) + f" ({p['file']})" for p in profs)
         save("speed", out["speed"], text, args.out)
         md += ["## Sampling speed", text]
+    if "mnist" in args.only:  # the shipped teachers: every policy on real weights, then cache-dit with MNIST-FID
+        rows = []
+        for arch in ("mnist_dit", "mnist_uvit"):  # each at its configured CFG scale (conf/backbone/<arch>.yaml)
+            scale = float(OmegaConf.load(ROOT / "conf" / "backbone" / f"{arch}.yaml").guidance)
+            rows += speed.run(arch, steps=20, batches=(8,), device="cpu", guidance=scale, repeats=args.repeats,
+                              compile_modes=())
+        cdit = cache_dit_mnist.run(num_samples=200 if args.full else 100)
+        out["mnist"] = {"rows": rows, "cache_dit": cdit}
+        text = speed.table(rows, arch_column=True) + "\n\n" + cache_dit_mnist.table(cdit)
+        save("mnist", out["mnist"], text, args.out)
+        md += ["## Shipped MNIST teachers", text]
     if "peers" in args.only:
         rows = peers.dit_forward(args.arch, batches=(1, 8), repeats=args.repeats + 2)
         rows += peers.pixart_forward(batches=(1, 8), repeats=args.repeats + 2)
@@ -139,7 +153,7 @@ def main(argv=None) -> None:
                                      **res["sections"]}, indent=2, default=str))
     # summary.md collects the latest run of every section (a run with --only replaces just its sections)
     suffix = "" if args.set == "cpu" else "_gpu"
-    titles = {"speed": "Sampling speed", "peers": "Peers (same weights)", "train": "Router-training throughput",
+    titles = {"speed": "Sampling speed", "mnist": "Shipped MNIST teachers", "peers": "Peers (same weights)", "train": "Router-training throughput",
               "scaling": "Scaling"}
     parts = [f"# Benchmarks ({args.set})"]
     for sec in SECTIONS:

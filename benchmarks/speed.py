@@ -10,6 +10,9 @@ whole-forward graphs dynamo captures over a run beyond one forward's (tracing on
 L2C: on DiT-XL/2 the released DDIM-20 / DDIM-50 routers (``--routers``); on other DiTs (their router
 length differs) random logits with a compute budget equal to the fraction of branch MACs the released
 router of that step count keeps on its cache evaluations, so the schedule costs what the real one does.
+``search``: a schedule searched on the benchmarked model at the L2C row's MACs (DP, next-state error of 2
+calibration samples; the note gives its search time). The shipped MNIST teachers (``mnist_dit``: DDIM,
+``mnist_uvit``: DPM-Solver-2) run with their real weights; other archs with random weights.
 """
 from __future__ import annotations
 
@@ -51,6 +54,26 @@ def released_budget(path: Path) -> float:
     return sum(kept) / len(kept)
 
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TEACHERS = {"mnist_dit": "mnist_dit.pt", "mnist_uvit": "mnist_uvit.pth"}  # shipped, trained by the project
+
+
+def load_model(arch: str):
+    """The shipped MNIST teacher (its real weights, x0 clipping on) or ``arch`` with random weights."""
+    if arch in TEACHERS:
+        model = load_backbone(arch, ckpt=str(ASSETS / TEACHERS[arch]))
+        model.clip_denoised = True
+        return model
+    return load_backbone(arch, random_init=True)
+
+
+def make_family_solver(model, steps: int):
+    """DDIM for DiTs (the L2C DiT setting), DPM-Solver-2 with ``steps`` NFE for U-ViT (U-ViT's sampler)."""
+    if model.family == "uvit":
+        return make_solver("dpm_solver2", steps, schedule="linear", prediction="x0", time_input="scaled")
+    return make_solver("ddim", steps, schedule="linear")
+
+
 def l2c_policy(arch: str, steps: int, routers: Path | None) -> tuple[L2CPolicy, str]:
     path = official_router(routers, steps)
     if path is not None and arch == "DiT-XL/2":
@@ -61,32 +84,42 @@ def l2c_policy(arch: str, steps: int, routers: Path | None) -> tuple[L2CPolicy, 
     return L2CPolicy(init_seed=0, budget=budget), "random logits, " + src
 
 
-def searched_policy(arch: str, steps: int) -> Any:
-    """Hook for the schedule-search helper: return a policy built from a searched schedule, or None."""
-    try:
-        from diffcache.policies import search  # not built yet
-    except ImportError:
-        return None
-    make = getattr(search, "benchmark_policy", None)
-    return make(arch, steps) if make is not None else None
+def searched_policy(model, solver, macs_fraction: float) -> tuple[Any, str]:
+    """A schedule searched on this model (DP on the next-state error of 2 calibration samples) at the L2C
+    row's MAC fraction of the whole sampler; with the search's wall time in the note."""
+    from diffcache.policies.search import ScheduleSearch
+
+    t0 = time.perf_counter()
+    res = ScheduleSearch(budget=min(1.0, macs_fraction), method="dp", proxy="step", num_samples=2,
+                         progress=False, device=str(next(model.parameters()).device)).run(model, solver)
+    return res.policy, f"DP, step proxy, 2 samples, budget {macs_fraction:.3f}; searched in {time.perf_counter() - t0:.1f} s"
 
 
-def candidates(arch: str, steps: int, routers: Path | None) -> list[dict]:
+def candidates(arch: str, steps: int, routers: Path | None, model=None) -> list[dict]:
     """(name, solver, policy factory, note) for every row; the full sampler first."""
-    solver = make_solver("ddim", steps, schedule="linear")
+    model = model if model is not None else load_model(arch)
+    solver = make_family_solver(model, steps)
     l2c, note = l2c_policy(arch, steps, routers)
-    rows = [dict(policy="full", solver=solver, make=lambda: None, note=f"DDIM-{steps}"),
+    preset = model.toca_preset
+    toca_kw, toca_note = ({"fresh_threshold": 3}, " (N=3, R=93%)") if model.family == "dit" else ({}, "")
+    rows = [dict(policy="full", solver=solver, make=lambda: None, note=f"{solver.name}-{steps}"),
             dict(policy="l2c", solver=solver, make=lambda: l2c, note=note),
-            dict(policy="toca", solver=solver, make=lambda: ToCaPolicy("dit_ddim50", fresh_threshold=3),
-                 note="preset dit_ddim50 (N=3, R=93%)"),
+            dict(policy="toca", solver=solver, make=lambda: ToCaPolicy(preset, **toca_kw), note=f"preset {preset}{toca_note}"),
             dict(policy="fora", solver=solver, make=lambda: FORAPolicy(interval=3), note="interval 3")]
-    # fewer steps at the compute of the L2C schedule: the baseline any cache must beat
-    fewer = max(2, round(steps / policy_cost(arch, solver, l2c)["speedup_macs"]))
-    rows.append(dict(policy=f"ddim{fewer}", solver=make_solver("ddim", fewer, schedule="linear"),
-                     make=lambda: None, note=f"DDIM-{fewer}: the MACs of the L2C row"))
-    searched = searched_policy(arch, steps)
-    rows.append(dict(policy="search", solver=solver, make=(lambda: searched), note="placeholder: no search "
-                     "module yet (hook: benchmarks.speed.searched_policy)" if searched is None else "searched"))
+    # fewer steps at the compute of the L2C schedule: the baseline any cache must beat (even NFE: DPM-Solver-2)
+    frac = 1 / policy_cost(model, solver, l2c)["speedup_macs"]
+    fewer = max(2, round(steps * frac))
+    fewer += fewer % 2 if model.family == "uvit" else 0
+    rows.append(dict(policy=f"{solver.name}{fewer}", solver=make_family_solver(model, fewer), make=lambda: None,
+                     note=f"{solver.name}-{fewer}: about the MACs of the L2C row"))
+    searched: dict = {}
+
+    def make_search():
+        if not searched:
+            searched["policy"], searched["note"] = searched_policy(model, solver, frac)
+        return searched["policy"]
+
+    rows.append(dict(policy="search", solver=solver, make=make_search, note=lambda: searched.get("note", "")))
     return rows
 
 
@@ -213,8 +246,8 @@ def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "c
     each on a CPU). Compiled rows also count graph breaks and whole-forward graphs with dynamo alone."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = load_backbone(arch, random_init=True).to(dev, dtype)
-    cands = [c for c in candidates(arch, steps, routers) if policies is None or c["policy"] in policies
+    model = load_model(arch).to(dev, dtype)
+    cands = [c for c in candidates(arch, steps, routers, model) if policies is None or c["policy"] in policies
              or c["policy"] == "full" or (c["policy"].startswith("ddim") and "ddim" in policies)]
     rows: list[dict] = []
     for bs in batches:
@@ -229,12 +262,10 @@ def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "c
             for c in cands:
                 if allowed is not None and c["policy"] not in allowed:
                     continue
-                row = {"arch": arch, "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "batch": bs,
-                       "steps": c["solver"].num_steps, "policy": c["policy"], "mode": mode, "note": c["note"]}
                 pol = c["make"]()
-                if pol is None and c["policy"] == "search":
-                    rows.append(dict(row, status="not run"))
-                    continue
+                row = {"arch": arch, "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "batch": bs,
+                       "steps": c["solver"].num_steps, "policy": c["policy"], "mode": mode,
+                       "note": c["note"]() if callable(c["note"]) else c["note"]}
                 pol = pol.to(dev) if pol is not None else None
                 fn = (lambda s=c["solver"], p=pol: sample(model, s, p, noise, y, guidance=guidance))
                 entries.append({"row": row, "fn": fn, "pol": pol, "solver": c["solver"],
@@ -279,5 +310,5 @@ COLUMNS = [("batch", "batch"), ("mode", "mode"), ("policy", "policy"), ("steps",
            ("compile s", "compile_s"), ("note", "note")]
 
 
-def table(rows: list[dict]) -> str:
-    return markdown_table(rows, COLUMNS)
+def table(rows: list[dict], arch_column: bool = False) -> str:
+    return markdown_table(rows, ([("model", "arch")] if arch_column else []) + COLUMNS)

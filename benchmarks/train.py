@@ -79,23 +79,28 @@ def run(configs=(("tiny_dit", 8), ("DiT-S/2", 2), ("DiT-S/2", 8)), device: str =
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model, step
-    rows.append(search_placeholder())
+    rows.append(search_run(device=str(dev)))
     return rows
 
 
-def search_placeholder() -> dict:
-    """Hook for the schedule-search helper: time one search run here once ``diffcache`` has one."""
-    try:
-        from diffcache.policies import search
-    except ImportError:
-        return {"arch": "search", "batch": None, "status": "not run: no search module yet "
-                "(hook: benchmarks.train.search_placeholder)"}
-    run_search = getattr(search, "benchmark_run", None)
-    if run_search is None:
-        return {"arch": "search", "status": "search module has no benchmark_run(); nothing timed"}
+def search_run(arch: str = "mnist_dit", steps: int = 20, num_samples: int = 16, device: str = "cpu") -> dict:
+    """Wall time of one schedule search as ``search.py`` runs it by default (error table on ``num_samples``
+    calibration trajectories, final-sample proxy, greedy + DP at budget 0.8) on the shipped MNIST DiT, DDIM-20."""
+    from diffcache.policies.search import ScheduleSearch
+
+    from .speed import load_model
+
+    model = load_model(arch).to(device)
     t0 = time.perf_counter()
-    run_search()
-    return {"arch": "search", "status": "ran", "wall_s": round(time.perf_counter() - t0, 2)}
+    res = ScheduleSearch(budget=0.8, num_samples=num_samples, progress=False, device=device).run(
+        model, make_solver("ddim", steps, schedule="linear"))
+    wall = time.perf_counter() - t0
+    t = res.table
+    row = {"arch": f"search ({arch}, DDIM-{steps})", "batch": num_samples, "device": device, "wall_s": round(wall, 2),
+           "status": f"error table {len(t.cache_evals)} cache evals x {len(t.sites)} sites, {num_samples} samples, "
+                     f"final proxy: {wall:.1f} s (table {res.times['table']:.1f} s, selection {res.times['select']:.3f} s)"}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 COLUMNS = [("arch", "arch"), ("batch", "batch"), ("bf16", "bf16"), ("step s, median", "step_s"),
