@@ -29,8 +29,9 @@ SECTIONS = ("speed", "mnist", "peers", "train", "scaling")
 
 
 def cpu_set(args) -> dict:
-    out, md = {}, []
+    out, md, times = {}, [], {}
     batches = (1, 8, 32) if args.full else (1, 8)
+    times["speed"] = time.perf_counter()
     if "speed" in args.only:
         rows = []
         for steps in ((20, 50) if args.full else (args.steps,)):
@@ -48,17 +49,19 @@ def cpu_set(args) -> dict:
                 + ", ".join(f"{o['op']} {o['share']:.0%}" for o in p["top_ops"][:3]) + f" ({p['file']})" for p in profs)
         save("speed", out["speed"], text, args.out)
         md += ["## Sampling speed", text]
+    times["mnist"] = time.perf_counter()
     if "mnist" in args.only:  # the shipped teachers: every policy on real weights, then cache-dit with MNIST-FID
         rows = []
         for arch in ("mnist_dit", "mnist_uvit"):  # each at its configured CFG scale (conf/backbone/<arch>.yaml)
             scale = float(OmegaConf.load(ROOT / "conf" / "backbone" / f"{arch}.yaml").guidance)
-            rows += speed.run(arch, steps=20, batches=(8,), device="cpu", guidance=scale, repeats=args.repeats,
-                              compile_modes=())
+            rows += speed.run(arch, steps=20, batches=(8,), device="cpu", guidance=scale,
+                              repeats=args.repeats if args.full else 2, compile_modes=())
         cdit = cache_dit_mnist.run(num_samples=200 if args.full else 100)
         out["mnist"] = {"rows": rows, "cache_dit": cdit}
         text = speed.table(rows, arch_column=True) + "\n\n" + cache_dit_mnist.table(cdit)
         save("mnist", out["mnist"], text, args.out)
         md += ["## Shipped MNIST teachers", text]
+    times["peers"] = time.perf_counter()
     if "peers" in args.only:
         rows = peers.dit_forward(args.arch, batches=(1, 8), repeats=args.repeats + 2)
         rows += peers.pixart_forward(batches=(1, 8), repeats=args.repeats + 2)
@@ -67,19 +70,23 @@ def cpu_set(args) -> dict:
         text = peers.table(rows, cdit)
         save("peers", out["peers"], text, args.out)
         md += ["## Peers (same weights)", text]
+    times["train"] = time.perf_counter()
     if "train" in args.only:
         cfgs = (("tiny_dit", 8), (args.arch, 2), (args.arch, 8))
         rows = train.run(cfgs, device="cpu", repeats=args.repeats)
         out["train"] = rows
         save("train", {"rows": rows}, train.table(rows), args.out)
         md += ["## Router-training throughput", train.table(rows)]
+    times["scaling"] = time.perf_counter()
     if "scaling" in args.only:
         rows = scaling.run(repeats=args.repeats)
         png = scaling.plot(rows, args.out / "scaling.png")
         out["scaling"] = rows
         save("scaling", {"rows": rows, "png": png.name}, scaling.table(rows), args.out)
         md += ["## Scaling", scaling.table(rows)]
-    return {"sections": out, "markdown": md}
+    ends = list(times.values())[1:] + [time.perf_counter()]
+    return {"sections": out, "markdown": md,
+            "section_s": {k: round(e - t, 1) for (k, t), e in zip(times.items(), ends) if k in out}}
 
 
 def gpu_set(args) -> dict:
@@ -148,7 +155,9 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta_path = args.out / f"{name}.json"
     old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    runs = {**old.get("runs", {}), **{sec: {**meta, "head": head} for sec in res["sections"]}}
+    took = res.get("section_s", {})
+    runs = {**old.get("runs", {}), **{sec: {**meta, "section_s": took.get(sec), "head": head + (
+        f" This section: {took[sec]} s." if sec in took else "")} for sec in res["sections"]}}
     meta_path.write_text(json.dumps({"runs": runs, **{k: v for k, v in old.items() if k != "runs"},
                                      **res["sections"]}, indent=2, default=str))
     # summary.md collects the latest run of every section (a run with --only replaces just its sections)
