@@ -4,6 +4,7 @@
     python scripts/train_teachers.py teacher mnist_dit [k=v ..]  # a teacher (module/teacher_pretrain.yaml keys)
     python scripts/train_teachers.py evaluate mnist_dit          # class accuracy of its CFG samples
     python scripts/train_teachers.py manifest                    # sha256 + records -> assets/MANIFEST.json
+    python scripts/train_teachers.py diagnose mnist_dit          # x0 error per noise level vs class-mean image
 
 ``make teachers`` runs all of them. Each step writes a record (exact command, commit, wall time, machine,
 final losses, accuracy) to ``logs/teachers/<name>.json``; ``manifest`` gathers them with the files' sha256.
@@ -119,8 +120,19 @@ def cmd_manifest(args: list[str]) -> None:
     print(f"manifest -> {out} ({sum(len(e['files']) for e in entries.values())} files)")
 
 
+def cmd_diagnose(args: list[str]) -> None:
+    from diffcache.modules.teacher_eval import denoising_profile
+
+    prof = denoising_profile(args[0], ASSETS, **{k: int(v) for k, v in (a.split("=", 1) for a in args[1:])})
+    print(f"{args[0]}: x0-MSE of the clipped x0 prediction on held-out digits; class-mean image "
+          f"{prof['class_mean_x0_mse']:.4f}, global-mean image {prof['global_mean_x0_mse']:.4f}")
+    for t, row in prof["timesteps"].items():
+        print(f"  t={t:4d}: right label {row['right']:.4f}  wrong label {row['wrong']:.4f}  null {row['null']:.4f}")
+
+
 START_COMMIT = git_commit()  # the code a step runs is the code at its start
-COMMANDS = {"classifier": cmd_classifier, "teacher": cmd_teacher, "evaluate": cmd_evaluate, "manifest": cmd_manifest}
+COMMANDS = {"classifier": cmd_classifier, "teacher": cmd_teacher, "evaluate": cmd_evaluate, "manifest": cmd_manifest,
+            "diagnose": cmd_diagnose}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

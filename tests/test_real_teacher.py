@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from hydra_utils import FAST, compose_cfg
+from hydra_utils import FAST, ROOT, compose_cfg
 
 from diffcache.policies.l2c import L2CPolicy
 from diffcache.sampling import sample
@@ -144,3 +144,19 @@ def test_a_second_run_reuses_the_router_and_the_measured_comparison_rows_and_say
     assert "reused_router" not in summaries[0] and summaries[1]["reused_router"].startswith(str(tmp_path / "routers"))
     assert (tmp_path / "second" / "router.pt").read_bytes() == (tmp_path / "first" / "router.pt").read_bytes()
     assert first[0]["mnist_fid"] > 0 and first[0]["psnr"] >= 100 and first[1]["macs_fraction"] < 1.0
+
+
+def test_denoising_profile_of_the_shipped_dit_against_the_trivial_predictors():
+    """diagnose: the class-mean baseline is what it says (computed here from the split), the teacher denoises
+    far better than it at low noise, and its label matters (right < wrong) once the noise hides the digit."""
+    from diffcache.data.mnist import load_mnist
+    from diffcache.modules.teacher_eval import denoising_profile
+
+    prof = denoising_profile("mnist_dit", ROOT / "assets", timesteps=(100, 500), n=100)
+    xt, yt = load_mnist("train")
+    xh, yh = load_mnist("heldout")
+    means = torch.stack([xt[yt == c].double().mean(0) for c in range(10)])
+    assert prof["class_mean_x0_mse"] == pytest.approx(float(((means[yh[:100]] - xh[:100].double()) ** 2).mean()), rel=1e-5)
+    low, mid = prof["timesteps"][100], prof["timesteps"][500]
+    assert low["right"] < 0.1 * prof["class_mean_x0_mse"]
+    assert mid["right"] < mid["wrong"]

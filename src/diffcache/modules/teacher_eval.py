@@ -77,3 +77,43 @@ def evaluate_teacher(name: str, assets: str | Path, n_per_class: int = 100, guid
             "sampling_wall_s": round(wall, 1), "grid": png.name}
 
 
+
+
+@torch.no_grad()
+def denoising_profile(name: str, assets: str | Path, timesteps=(100, 300, 500, 700, 850, 950), n: int = 400,
+                      seed: int = 0) -> dict:
+    """Where a teacher is weak: x0-MSE of its (clipped) x0 prediction on held-out digits noised to each ``t``,
+    with the right label, a wrong one (``y + 1 mod 10``) and the null class, next to the x0-MSE of the trivial
+    predictors (the class-mean and the global-mean train image). A teacher worse than the class mean at high
+    noise has not learned the global layout, and its samples land in the wrong class."""
+    from omegaconf import OmegaConf
+
+    from ..backbones import load_backbone, load_checkpoint
+    from ..data.mnist import load_mnist
+    from .diffusion_loss import GaussianDiffusionLoss
+
+    cfg = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
+    bb = load_backbone(cfg.arch, random_init=True)
+    load_checkpoint(bb, str(Path(assets) / official_file_name(bb, name)))
+    d = GaussianDiffusionLoss(cfg.schedule, 1000)
+    xt_train, yt_train = load_mnist("train")
+    x, y = load_mnist("heldout")
+    x, y = x[:n], y[:n]
+    means = torch.stack([xt_train[yt_train == c].mean(0) for c in range(10)])
+    out = {"class_mean_x0_mse": float(((means[y] - x) ** 2).mean()),
+           "global_mean_x0_mse": float(((xt_train.mean(0) - x) ** 2).mean()), "timesteps": {}}
+    g = torch.Generator().manual_seed(seed)
+    for t0 in timesteps:
+        t = torch.full((len(x),), int(t0))
+        noise = torch.randn(x.shape, generator=g)
+        xt = d.q_sample(x, t, noise)
+        # the network's time input: DiT the 0-based step, U-ViT the 1-based one (as each was trained)
+        tin = t if bb.learn_sigma else (t + 1).to(x.dtype)
+        a = d._at("alphas_cumprod", t, xt)
+        row = {}
+        for key, lab in (("right", y), ("wrong", (y + 1) % 10), ("null", torch.full_like(y, bb.null_class))):
+            eps = bb(xt, tin, lab)[:, :x.shape[1]]
+            x0 = ((xt - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            row[key] = round(float(((x0 - x) ** 2).mean()), 4)
+        out["timesteps"][int(t0)] = row
+    return out
