@@ -50,6 +50,7 @@ def step_fn(arch: str, batch: int, dev: torch.device, steps: int = 20, bf16: boo
             "cond": torch.randint(0, model.null_class, (batch,), generator=g).to(dev)}
 
     def step():
+        module.on_train_batch_start(data, 0)  # as Lightning calls it: soft routing (train mode) for the step
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = module.training_step(data, 0)
         loss.backward()
