@@ -82,7 +82,22 @@ def write_frontier(rows: list[dict], sweep_dir: str | Path) -> Path | None:
     return md
 
 
+def short_label(row: dict) -> str:
+    """A point's label: the arm / lambda of a trained router, the budget of a search (dp only: greedy lands on
+    the same point), the method otherwise."""
+    m = row["method"]
+    if row.get("kind") == "search":
+        return "" if " greedy " in f" {m} " else m.replace("search dp ", "search ")
+    if row.get("kind") in ("l2c", "budget"):
+        words = [w for w in m.split() if w.startswith("arm=")] or [w for w in m.split() if "lam=" in w]
+        tail = m[m.rfind("(") + 1:-1] if m.endswith(")") else ""
+        return " ".join([w.split("=", 1)[1] for w in words] + ([tail.split()[-1]] if row["kind"] == "budget" else []))
+    return m.replace("fewer steps ", "").replace("steps ", "")
+
+
 def frontier_png(rows: list[dict], path: Path) -> Path | None:
+    """Quality (the first of QUALITY present, e.g. MNIST-FID) and, when present, PSNR to the full sampler, each
+    against MACs with its Pareto front; one colour per kind of method."""
     metric = next(((m, hb) for m, hb in QUALITY if any(f"{m}_mean" in r for r in rows)), None)
     if metric is None:
         return None
@@ -91,22 +106,24 @@ def frontier_png(rows: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name, higher = metric
-    pts = [r for r in rows if f"{name}_mean" in r and "macs_fraction_mean" in r]
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+    panels = [metric] + ([("psnr", True)] if metric[0] != "psnr" and any("psnr_mean" in r for r in rows) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), dpi=110, squeeze=False)
     colors = {"full": "black", "steps": "tab:gray", "l2c": "tab:red", "fora": "tab:blue", "toca": "tab:green",
               "search": "tab:purple", "budget": "tab:orange"}
-    for kind in dict.fromkeys(r["kind"] for r in pts):
-        sub = [r for r in pts if r["kind"] == kind]
-        ax.errorbar([r["macs_fraction_mean"] for r in sub], [r[f"{name}_mean"] for r in sub],
-                    yerr=[r[f"{name}_std"] for r in sub], fmt="o", capsize=3, color=colors.get(kind), label=kind)
-        for r in sub:
-            ax.annotate(r["method"][:40], (r["macs_fraction_mean"], r[f"{name}_mean"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
-    front = pareto_front([(r["macs_fraction_mean"], r[f"{name}_mean"]) for r in pts], higher)
-    ax.plot([x for x, _ in front], [y for _, y in front], "--", color="0.5", lw=1, label="Pareto front")
-    ax.set_xlabel("MACs per image (fraction of the full sampler, CFG included)")
-    ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better; mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (name, higher) in zip(axes[0], panels):
+        pts = [r for r in rows if f"{name}_mean" in r and "macs_fraction_mean" in r and
+               (name != "psnr" or r.get("kind") != "full")]  # the full sampler's PSNR to itself is infinite
+        for kind in dict.fromkeys(r["kind"] for r in pts):
+            sub = [r for r in pts if r["kind"] == kind]
+            ax.errorbar([r["macs_fraction_mean"] for r in sub], [r[f"{name}_mean"] for r in sub],
+                        yerr=[r[f"{name}_std"] for r in sub], fmt="o", capsize=3, color=colors.get(kind), label=kind)
+            for r in sub:
+                ax.annotate(short_label(r)[:28], (r["macs_fraction_mean"], r[f"{name}_mean"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        front = pareto_front([(r["macs_fraction_mean"], r[f"{name}_mean"]) for r in pts], higher)
+        ax.plot([x for x, _ in front], [y for _, y in front], "--", color="0.5", lw=1, label="Pareto front")
+        ax.set_xlabel("MACs per image (fraction of the full sampler, CFG included)")
+        ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better; mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return save_figure(fig, path)
