@@ -122,6 +122,9 @@ def frontier_png(rows: list[dict], path: Path) -> Path | None:
                             xytext=(3, 3), textcoords="offset points")
         front = pareto_front([(r["macs_fraction_mean"], r[f"{name}_mean"]) for r in pts], higher)
         ax.plot([x for x, _ in front], [y for _, y in front], "--", color="0.5", lw=1, label="Pareto front")
+        ys = [r[f"{name}_mean"] for r in pts if r[f"{name}_mean"] > 0]
+        if not higher and ys and max(ys) > 5 * min(ys):  # a few exploded rows would flatten the rest
+            ax.set_yscale("log")
         ax.set_xlabel("MACs per image (fraction of the full sampler, CFG included)")
         ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better; mean ± std over seeds)")
         ax.grid(alpha=0.3)
