@@ -39,8 +39,10 @@ def cpu_set(args) -> dict:
                               repeats=args.repeats, compile_modes=() if args.no_compile else ("regional", "whole"),
                               compile_batches=batches if args.full else (1,),
                               whole_policies=("full", "l2c", "toca", "fora") if args.full else ("full",),
-                              regional_policies=("full", "l2c", "toca", "fora") if args.full else ("full", "l2c", "fora"))
-        profs = profile_low_efficiency(rows, args.profile_below, args.out, args.guidance)
+                              regional_policies=("full", "l2c", "toca", "fora") if args.full else ("full", "l2c", "fora"),
+                              search_samples=2 if args.full else 1)
+        profs = profile_low_efficiency(rows, args.profile_below, args.out, args.guidance,
+                                       max_profiles=3 if args.full else 2)
         out["speed"] = {"rows": rows, "profiles": profs}
         text = speed.table(rows)
         if profs:
@@ -73,7 +75,7 @@ def cpu_set(args) -> dict:
     times["train"] = time.perf_counter()
     if "train" in args.only:
         cfgs = (("tiny_dit", 8), (args.arch, 2), (args.arch, 8))
-        rows = train.run(cfgs, device="cpu", repeats=args.repeats)
+        rows = train.run(cfgs, device="cpu", repeats=args.repeats, search_samples=16 if args.full else 8)
         out["train"] = rows
         save("train", {"rows": rows}, train.table(rows), args.out)
         md += ["## Router-training throughput", train.table(rows)]
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
     p.add_argument("--arch", default="DiT-S/2")
     p.add_argument("--steps", type=int, default=10, help="cpu: DDIM steps of the quick set (--full: 20 and 50)")
     p.add_argument("--guidance", type=float, default=1.5)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="timing rounds (batch >= 8: this minus 2, at least 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--profile-below", type=float, default=0.8, help="profile eager rows with efficiency below this")

@@ -54,7 +54,7 @@ def profile_low_efficiency(speed_rows: list[dict], threshold: float, out_dir: Pa
     arch = low[0]["arch"]
     model = load_backbone(arch, random_init=True)
     steps = max(r["steps"] for r in speed_rows if r.get("policy") == "full")
-    cands = {c["policy"]: c for c in candidates(arch, steps, routers)}
+    cands = {c["policy"]: c for c in candidates(arch, steps, routers, model)}
     for r in [dict(low[0], policy="full", efficiency=None)] + low:  # the uncached run: the baseline profile
         c = cands.get(r["policy"])
         if c is None:

@@ -84,18 +84,18 @@ def l2c_policy(arch: str, steps: int, routers: Path | None) -> tuple[L2CPolicy, 
     return L2CPolicy(init_seed=0, budget=budget), "random logits, " + src
 
 
-def searched_policy(model, solver, macs_fraction: float) -> tuple[Any, str]:
+def searched_policy(model, solver, macs_fraction: float, num_samples: int = 2) -> tuple[Any, str]:
     """A schedule searched on this model (DP on the next-state error of 2 calibration samples) at the L2C
     row's MAC fraction of the whole sampler; with the search's wall time in the note."""
     from diffcache.policies.search import ScheduleSearch
 
     t0 = time.perf_counter()
-    res = ScheduleSearch(budget=min(1.0, macs_fraction), method="dp", proxy="step", num_samples=2,
+    res = ScheduleSearch(budget=min(1.0, macs_fraction), method="dp", proxy="step", num_samples=num_samples,
                          progress=False, device=str(next(model.parameters()).device)).run(model, solver)
-    return res.policy, f"DP, step proxy, 2 samples, budget {macs_fraction:.3f}; searched in {time.perf_counter() - t0:.1f} s"
+    return res.policy, f"DP, step proxy, {num_samples} sample(s), budget {macs_fraction:.3f}; searched in {time.perf_counter() - t0:.1f} s"
 
 
-def candidates(arch: str, steps: int, routers: Path | None, model=None) -> list[dict]:
+def candidates(arch: str, steps: int, routers: Path | None, model=None, search_samples: int = 2) -> list[dict]:
     """(name, solver, policy factory, note) for every row; the full sampler first."""
     model = model if model is not None else load_model(arch)
     solver = make_family_solver(model, steps)
@@ -116,7 +116,7 @@ def candidates(arch: str, steps: int, routers: Path | None, model=None) -> list[
 
     def make_search():
         if not searched:
-            searched["policy"], searched["note"] = searched_policy(model, solver, frac)
+            searched["policy"], searched["note"] = searched_policy(model, solver, frac, search_samples)
         return searched["policy"]
 
     rows.append(dict(policy="search", solver=solver, make=make_search, note=lambda: searched.get("note", "")))
@@ -239,7 +239,7 @@ def _finish(e: dict, full_s: float, full_macs: float) -> dict:
 def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "cpu", guidance: float = 1.5,
         repeats: int = 3, compile_modes=("regional", "whole"), compile_batches=(1,),
         whole_policies=("full",), regional_policies=("full", "l2c", "toca", "fora"), routers: Path | None = ROUTERS,
-        bf16: bool = False, policies: tuple[str, ...] | None = None) -> list[dict]:
+        bf16: bool = False, policies: tuple[str, ...] | None = None, search_samples: int = 2) -> list[dict]:
     """Rows of the speed table, policies timed in interleaved rounds. ``compile_modes``: "regional" (one
     compile shared by every policy in ``regional_policies``) and "whole" (the policies in ``whole_policies``,
     each compiled on its own: inductor on the whole forward compiles one graph per caching decision, minutes
@@ -247,8 +247,9 @@ def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "c
     dev = torch.device(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = load_model(arch).to(dev, dtype)
-    cands = [c for c in candidates(arch, steps, routers, model) if policies is None or c["policy"] in policies
-             or c["policy"] == "full" or (c["policy"].startswith("ddim") and "ddim" in policies)]
+    cands = [c for c in candidates(arch, steps, routers, model, search_samples)
+             if policies is None or c["policy"] in policies or c["policy"] == "full"
+             or (c["policy"].startswith("ddim") and "ddim" in policies)]
     rows: list[dict] = []
     for bs in batches:
         noise, y = seeded_inputs(model, bs, dev, dtype)

@@ -63,7 +63,7 @@ def step_fn(arch: str, batch: int, dev: torch.device, steps: int = 20, bf16: boo
 
 
 def run(configs=(("tiny_dit", 8), ("DiT-S/2", 2), ("DiT-S/2", 8)), device: str = "cpu", bf16: bool = False,
-        repeats: int = 3, peak_tflops: float | None = None) -> list[dict]:
+        repeats: int = 3, peak_tflops: float | None = None, search_samples: int = 16) -> list[dict]:
     dev = torch.device(device)
     peak = device_peak(dev, peak_tflops)
     rows = []
@@ -80,7 +80,7 @@ def run(configs=(("tiny_dit", 8), ("DiT-S/2", 2), ("DiT-S/2", 8)), device: str =
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model, step
-    rows.append(search_run(device=str(dev)))
+    rows.append(search_run(num_samples=search_samples, device=str(dev)))
     return rows
 
 
