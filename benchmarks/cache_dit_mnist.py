@@ -85,9 +85,8 @@ def pipeline(model_dir: Path, null_class: int):
 def run(num_samples: int = 200, batch: int = 50, steps: int = 20, guidance: float = 1.5, seed: int = 0,
         thresholds=(0.04, 0.08, 0.16, 0.24), fora=(2, 3)) -> dict:
     """Rows ``{"method", "mnist_fid", "mnist_is", "psnr", "macs_fraction", "latency_s", ...}``, ours and cache-dit's."""
-    from diffcache.backbones import load_backbone, load_checkpoint
     from diffcache.backbones.export import save_diffusers
-    from diffcache.data.seeded import seeded_inputs
+    from diffcache.data.seeded import sample_generator, seeded_inputs
     from diffcache.metrics.cost import policy_cost
     from diffcache.metrics.mnist import build_mnist_metrics
     from diffcache.policies.fora import FORAPolicy
@@ -96,9 +95,9 @@ def run(num_samples: int = 200, batch: int = 50, steps: int = 20, guidance: floa
 
     out: dict = {"teacher": "assets/mnist_dit.pt", "steps": steps, "guidance": guidance, "num_samples": num_samples,
                  "seed": seed, "rows": []}
-    bb = load_backbone("mnist_dit", random_init=True)
-    load_checkpoint(bb, str(ASSETS / "mnist_dit.pt"))
-    bb.eval().clip_denoised = True
+    from .speed import load_model
+
+    bb = load_model("mnist_dit")  # the shipped weights, x0 clipping on
     solver = DDIM(steps, schedule="linear", spacing=f"ddim{steps}")  # the chain diffusers' DDIM can run too
     full_macs = policy_cost(bb, solver, None, guidance=guidance)["macs_cfg"]
     metrics = build_mnist_metrics(ASSETS / "mnist_classifier.pt", "heldout", is_splits=1, precision_recall=False)
@@ -126,9 +125,9 @@ def run(num_samples: int = 200, batch: int = 50, steps: int = 20, guidance: floa
     teacher, ts = ours(None)
     score(f"ours: full DDIM-{steps}", teacher, ts, full_macs, teacher)
     for n in fora:
-        xs, ts = ours(FORAPolicy(interval=n))
-        score(f"ours: FORA N={n}", xs, ts, policy_cost(bb, solver, FORAPolicy(interval=n), guidance=guidance)["macs_cfg"],
-              teacher)
+        pol = FORAPolicy(interval=n)
+        xs, ts = ours(pol)
+        score(f"ours: FORA N={n}", xs, ts, policy_cost(bb, solver, pol, guidance=guidance)["macs_cfg"], teacher)
     try:
         import cache_dit
 
@@ -147,7 +146,7 @@ def run(num_samples: int = 200, batch: int = 50, steps: int = 20, guidance: floa
                         max_warmup_steps=max(1, steps // 5)))
                 xs, ts, blocks = [], [], []
                 for (noise, cond), idx in zip(inputs, batches):
-                    gens = [torch.Generator().manual_seed(seed * 7919 + i) for i in idx]  # seeded_inputs' noise
+                    gens = [sample_generator(i, seed) for i in idx]  # seeded_inputs' noise, drawn by the pipeline
                     calls[0] = 0
                     t0 = time.perf_counter()
                     img = pipe(class_labels=cond.tolist(), num_inference_steps=steps, guidance_scale=guidance,

@@ -10,8 +10,8 @@ whole-forward graphs dynamo captures over a run beyond one forward's (tracing on
 L2C: on DiT-XL/2 the released DDIM-20 / DDIM-50 routers (``--routers``); on other DiTs (their router
 length differs) random logits with a compute budget equal to the fraction of branch MACs the released
 router of that step count keeps on its cache evaluations, so the schedule costs what the real one does.
-``search``: a schedule searched on the benchmarked model at the L2C row's MACs (DP, next-state error of 2
-calibration samples; the note gives its search time). The shipped MNIST teachers (``mnist_dit``: DDIM,
+``search``: a schedule searched on the benchmarked model at the L2C row's MACs (DP, next-state error of a
+few calibration samples; the note gives how many and the search time). The shipped MNIST teachers (``mnist_dit``: DDIM,
 ``mnist_uvit``: DPM-Solver-2) run with their real weights; other archs with random weights.
 """
 from __future__ import annotations
@@ -85,8 +85,8 @@ def l2c_policy(arch: str, steps: int, routers: Path | None) -> tuple[L2CPolicy, 
 
 
 def searched_policy(model, solver, macs_fraction: float, num_samples: int = 2) -> tuple[Any, str]:
-    """A schedule searched on this model (DP on the next-state error of 2 calibration samples) at the L2C
-    row's MAC fraction of the whole sampler; with the search's wall time in the note."""
+    """A schedule searched on this model (DP on the next-state error of ``num_samples`` calibration samples) at
+    the L2C row's MAC fraction of the whole sampler; with the search's wall time in the note."""
     from diffcache.policies.search import ScheduleSearch
 
     t0 = time.perf_counter()

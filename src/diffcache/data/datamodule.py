@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .seeded import sample_generator
+
 
 class IndexDataset(Dataset):
     def __init__(self, length: int):
@@ -36,7 +38,7 @@ class SyntheticLatents(Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        g = torch.Generator().manual_seed(self.seed * 7919 + i)
+        g = sample_generator(i, self.seed)
         x0 = torch.randn(self.shape, generator=g)
         cond = self.backbone.random_cond(1, g)
         cond = {k: v[0] for k, v in cond.items()} if isinstance(cond, dict) else cond[0]

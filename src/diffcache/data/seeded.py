@@ -7,12 +7,17 @@ import torch
 from ..backbones.base import cat_cond
 
 
+def sample_generator(index: int, seed: int = 0) -> torch.Generator:
+    """The generator of sample ``index`` in the seeded set ``seed`` (``seed * 7919 + index``)."""
+    return torch.Generator().manual_seed(int(seed) * 7919 + int(index))
+
+
 def seeded_inputs(backbone, indices, seed: int = 0, device="cpu", conditioning=None):
     """(noise (B, C, H, W), cond) for sample ``indices``: sample ``i`` uses generator ``seed * 7919 + i``.
     ``conditioning(indices, generators)`` (e.g. evaluate's labels / prompts) replaces random conditioning."""
     shape = (backbone.in_channels, backbone.input_size, backbone.input_size)
     indices = list(indices)
-    gens = [torch.Generator().manual_seed(int(seed) * 7919 + int(i)) for i in indices]
+    gens = [sample_generator(i, seed) for i in indices]
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
     cond = conditioning(indices, gens) if conditioning is not None else cat_cond(
         [backbone.random_cond(1, g) for g in gens])

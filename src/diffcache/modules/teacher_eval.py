@@ -31,22 +31,30 @@ def generate(backbone, labels: torch.Tensor, guidance: float | None, schedule: s
     return torch.cat(out).clamp(-1, 1)
 
 
+def load_teacher(name: str, assets: str | Path):
+    """(the shipped teacher ``name`` from ``assets/``, its backbone config), sampling as configured (x0 clip)."""
+    from omegaconf import OmegaConf
+
+    from ..backbones import load_backbone, load_checkpoint
+
+    cfg = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
+    backbone = load_backbone(cfg.arch, random_init=True)
+    load_checkpoint(backbone, str(Path(assets) / official_file_name(backbone, name)))
+    backbone.clip_denoised = bool(cfg.get("clip_denoised", False))
+    return backbone, cfg
+
+
 def evaluate_teacher(name: str, assets: str | Path, n_per_class: int = 100, guidance: float | None = None,
                      seed: int = 0) -> dict:
     """Sample ``n_per_class`` digits per class from ``assets/<teacher>``; accuracy, MNIST-FID/IS and floors."""
-    from omegaconf import OmegaConf
     from torchvision.utils import save_image
 
-    from ..backbones import load_backbone, load_checkpoint
     from ..data.mnist import load_mnist
     from ..metrics.generative import to_uint8
     from ..metrics.mnist import build_mnist_metrics
 
     assets = Path(assets)
-    cfg = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
-    backbone = load_backbone(cfg.arch, random_init=True)
-    load_checkpoint(backbone, str(assets / official_file_name(backbone, name)))
-    backbone.clip_denoised = bool(cfg.get("clip_denoised", False))
+    backbone, cfg = load_teacher(name, assets)
     s = float(cfg.guidance if guidance is None else guidance)
     n = int(n_per_class)
     labels = torch.arange(10).repeat_interleave(n)
@@ -77,8 +85,6 @@ def evaluate_teacher(name: str, assets: str | Path, n_per_class: int = 100, guid
             "sampling_wall_s": round(wall, 1), "grid": png.name}
 
 
-
-
 @torch.no_grad()
 def denoising_profile(name: str, assets: str | Path, timesteps=(100, 300, 500, 700, 850, 950), n: int = 400,
                       seed: int = 0) -> dict:
@@ -86,15 +92,10 @@ def denoising_profile(name: str, assets: str | Path, timesteps=(100, 300, 500, 7
     with the right label, a wrong one (``y + 1 mod 10``) and the null class, next to the x0-MSE of the trivial
     predictors (the class-mean and the global-mean train image). A teacher worse than the class mean at high
     noise has not learned the global layout, and its samples land in the wrong class."""
-    from omegaconf import OmegaConf
-
-    from ..backbones import load_backbone, load_checkpoint
     from ..data.mnist import load_mnist
     from .diffusion_loss import GaussianDiffusionLoss
 
-    cfg = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
-    bb = load_backbone(cfg.arch, random_init=True)
-    load_checkpoint(bb, str(Path(assets) / official_file_name(bb, name)))
+    bb, cfg = load_teacher(name, assets)
     d = GaussianDiffusionLoss(cfg.schedule, 1000)
     xt_train, yt_train = load_mnist("train")
     x, y = load_mnist("heldout")

@@ -82,8 +82,9 @@ def router_rows(cfg, solver, router_path, full: str) -> list[dict]:
 def search_rows(cfg, solver, full: str) -> list[dict]:
     """Searched schedules (:class:`~diffcache.policies.search.ScheduleSearch`), one row per (method, budget);
     the error table is measured once, when the first row not in the cache needs it."""
+    import time
+
     from ..policies.search import ScheduleSearch
-    from ..policies.search.searcher import searched_policy
 
     s = cfg.compare.get("search") or {}
     budgets, methods = list(s.get("budgets") or []), list(s.get("methods") or ["greedy", "dp"])
@@ -97,11 +98,11 @@ def search_rows(cfg, solver, full: str) -> list[dict]:
     def make(backbone, method: str, budget: float):
         kw["device"] = next(backbone.parameters()).device.type
         if "table" not in state:  # measured once for every budget and method of this comparison
-            res = ScheduleSearch(budget=1.0, **kw).run(backbone, solver)
-            state["table"], state["table_s"] = res.table, res.times["table"]
+            t0 = time.perf_counter()
+            state["table"] = ScheduleSearch(**kw).measure(backbone, solver)
+            state["table_s"] = time.perf_counter() - t0
         res = ScheduleSearch(budget=budget, method=method, **kw).run(backbone, solver, table=state["table"])
-        pol = searched_policy(backbone, solver, res.masks[method], state["table"].routers, kw["cache_interval"])
-        return pol, {"search_s": state["table_s"] + res.times["select"]}
+        return res.policy, {"search_s": state["table_s"] + res.times["select"]}
 
     tag = ":".join(f"{k}={v}" for k, v in sorted(kw.items()) if k != "progress")
     return [dict(method=f"search {m} b={float(b):g}", kind="search", key=f"search:{full}:{m}:{float(b)!r}:{tag}",
