@@ -55,14 +55,33 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+QUALITY_BAR = 0.9  # issue 11: a teacher's CFG samples are classified as their conditioning class >= 90% of the time
+# what a training stage writes into a record; a warm-started stage moves its predecessor's under earlier_stages
+STAGE_KEYS = ("command", "commit", "machine", "steps", "train_wall_s", "wall_s", "final_losses", "config",
+              "params", "concurrency")
+EVAL_KEYS = ("evaluation", "evaluate_command", "evaluate_commit", "quality_bar")
+
+
+def merge_record(old: dict, new: dict) -> dict:
+    """``old`` updated by the record ``new`` of a step. A new training (``steps`` in it) drops the old
+    evaluation (it measured other weights); one warm-started from the previous weights (``config.init``) keeps
+    the earlier stages' training fields under ``earlier_stages``, so the manifest tells the whole recipe."""
+    if "steps" in new:
+        history = []
+        if (new.get("config") or {}).get("init") and old.get("steps"):
+            history = old.get("earlier_stages", []) + [{k: old[k] for k in STAGE_KEYS if k in old}]
+        old = {k: v for k, v in old.items() if k not in STAGE_KEYS + EVAL_KEYS + ("earlier_stages",)}
+        new = {**new, "earlier_stages": history} if history else new
+    return {**old, **new}
+
+
 def write_record(name: str, record: dict) -> None:
     RECORDS.mkdir(parents=True, exist_ok=True)
     base = {"command": "python " + " ".join([f"scripts/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
             "commit": START_COMMIT, "machine": machine()}
     path = RECORDS / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    old.update({**base, **record} if "files" in record else record)
-    path.write_text(json.dumps(old, indent=2))
+    path.write_text(json.dumps(merge_record(old, {**base, **record} if "files" in record else record), indent=2))
     print(f"record -> {path}")
 
 
@@ -102,6 +121,8 @@ def cmd_evaluate(args: list[str]) -> None:
     rec["files"] = sorted(set(rec.get("files", [])) | {fig["grid"]})
     rec["evaluate_command"] = "python " + " ".join([f"scripts/{Path(sys.argv[0]).name}"] + sys.argv[1:])
     rec["evaluate_commit"] = START_COMMIT  # the sampler that measured it (may be later than the training's)
+    rec["quality_bar"] = {"class_accuracy_min": QUALITY_BAR, "measured": fig["class_accuracy"],
+                          "passed": fig["class_accuracy"] >= QUALITY_BAR}
     RECORDS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=2))
     print(json.dumps(fig, indent=2))

@@ -152,6 +152,19 @@ def test_debug_is_composed_last_and_wins_over_experiment(tmp_path):
     assert cfg.callbacks is None and build_callbacks(cfg.callbacks) == []
 
 
+def test_compare_none_under_an_experiment_that_sets_compare_keys_is_refused_before_training(tmp_path):
+    """Defect: experiment=mnist_frontier compare=none left the experiment's compare.* keys as a partial
+    comparison, which failed after the router had trained with a KeyError-like message."""
+    from diffcache.tasks.train import check_compare
+
+    cfg = compose_cfg("train", ["experiment=mnist_frontier", "compare=none"], tmp_path)
+    assert cfg.compare and "cache_dir" not in cfg.compare  # the partial comparison the check is there for
+    with pytest.raises(ValueError, match="compare=none"):
+        check_compare(cfg)
+    check_compare(compose_cfg("train", ["experiment=mnist_frontier"], tmp_path))  # its own comparison: fine
+    check_compare(compose_cfg("train", ["compare=none"], tmp_path))  # no experiment: no comparison, fine
+
+
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_options(tmp_path, name):
     task = "evaluate" if name.startswith("toca") else "train"  # toca_* measure a fixed policy; the rest train

@@ -120,11 +120,17 @@ class GaussianDiffusionLoss:
     def sample_t(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randint(0, self.T, (batch,), generator=generator).to(device)
 
+    @staticmethod
+    def network_time(learn_sigma: bool, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The time input each family trains on: DiT (learned sigma) the 0-based step ``t``, U-ViT the 1-based
+        ``t + 1``. One rule for the two losses and for anything that probes a teacher at a step."""
+        return t if learn_sigma else (t + 1).to(dtype)
+
     def dit_loss(self, model, x0, y, t, noise) -> dict[str, torch.Tensor]:
         """DiT's ``training_losses`` with learned sigma: per-sample ``mse + vb`` and the parts (batch means)."""
         C = x0.shape[1]
         xt = self.q_sample(x0, t, noise)
-        out = model(xt, t, y)
+        out = model(xt, self.network_time(True, t, x0.dtype), y)
         if out.shape[1] != 2 * C:
             raise ValueError(f"the DiT loss needs learned sigma (2*{C} output channels), got {out.shape[1]}")
         eps, var_values = out[:, :C], out[:, C:]
@@ -135,6 +141,6 @@ class GaussianDiffusionLoss:
     def uvit_loss(self, model, x0, y, t, noise) -> dict[str, torch.Tensor]:
         """U-ViT's ``LSimple``: eps-MSE, the network seeing the 1-based step ``t + 1``."""
         xt = self.q_sample(x0, t, noise)
-        eps = model(xt, (t + 1).to(x0.dtype), y)
+        eps = model(xt, self.network_time(False, t, x0.dtype), y)
         mse = mean_flat((noise - eps) ** 2)
         return {"loss": self.weighted(mse, t).mean(), "mse": mse.mean()}

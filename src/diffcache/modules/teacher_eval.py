@@ -108,8 +108,7 @@ def denoising_profile(name: str, assets: str | Path, timesteps=(100, 300, 500, 7
         t = torch.full((len(x),), int(t0))
         noise = torch.randn(x.shape, generator=g)
         xt = d.q_sample(x, t, noise)
-        # the network's time input: DiT the 0-based step, U-ViT the 1-based one (as each was trained)
-        tin = t if bb.learn_sigma else (t + 1).to(x.dtype)
+        tin = d.network_time(bb.learn_sigma, t, x.dtype)
         a = d._at("alphas_cumprod", t, xt)
         row = {}
         for key, lab in (("right", y), ("wrong", (y + 1) % 10), ("null", torch.full_like(y, bb.null_class))):
