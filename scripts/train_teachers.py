@@ -107,6 +107,9 @@ def cmd_teacher(args: list[str]) -> None:
     name, overrides = args[0], args[1:]
     t0 = time.time()
     fig = train_teacher(name, overrides, out_dir=ASSETS, log_dir=ROOT / "logs" / "teachers" / name)
+    for grid in (ASSETS / "grids").glob(f"{name}_step*.png"):  # an earlier stage's final grid: not shipped twice
+        if grid.relative_to(ASSETS).as_posix() not in fig["files"]:
+            grid.unlink()
     write_record(name, {**fig, "wall_s": round(time.time() - t0, 1)})
 
 
