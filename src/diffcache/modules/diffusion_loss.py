@@ -14,8 +14,8 @@ Tables are float64 (as ADM's numpy tables) and cast per batch.
 sample's eps-MSE by ``min(1 / alpha_bar_t, weight_max)``, the weight under which eps-MSE equals the v-prediction
 MSE (Salimans & Ho 2022) up to the cap. Why: with uniform weights the eps loss at high noise is ~1e-4 and
 its x0 error (amplified by ``sigma / alpha``) is never trained down; a small pixel-space transformer then
-predicts x0 at t > 700 *worse than the class-mean image* and samples the wrong class. The variance's bound
-term is not weighted.
+predicts x0 at t > 700 *worse than the class-mean image* and samples the wrong class (`make teachers` stage 2
+warm-starts with ``v``: DiT class accuracy 32% -> 93%). The variance's bound term is not weighted.
 """
 from __future__ import annotations
 
