@@ -63,17 +63,19 @@ def test_shipped_classifier_heldout_accuracy():
     assert acc >= 0.98, f"held-out accuracy {acc:.4f} < 0.98"
 
 
-def test_shipped_dit_teacher_meets_its_class_accuracy_bar():
-    """Issue 11's bar (>= 90% of CFG samples classified as their class) is recorded as passed for the shipped
-    DiT on 1,000 samples; here 100 fresh seeded samples (10 a class, DDIM-20, the configured guidance) must be
-    classified right >= 85% of the time (the binomial spread of 100 samples at 93% is ~2.5%)."""
+@pytest.mark.parametrize("name,fresh_min", [("mnist_dit", 0.85), ("mnist_uvit", 0.80)])
+def test_shipped_teacher_meets_its_class_accuracy_bar(name, fresh_min):
+    """Issue 11's bar (>= 90% of CFG samples classified as their class) is recorded as passed for each shipped
+    teacher on 1,000 samples; here 100 fresh seeded samples (10 a class, the family's 20-evaluation sampler, the
+    configured guidance) must be classified right >= ``fresh_min`` of the time (the binomial spread of 100
+    samples at 93% / 90% is ~2.5% / 3%; the U-ViT's margin is wider because it sits at the bar)."""
     from diffcache.modules.classifier import accuracy, load_classifier
     from diffcache.modules.teacher_eval import generate, load_teacher
 
-    bar = _manifest()["mnist_dit"]["quality_bar"]
+    bar = _manifest()[name]["quality_bar"]
     assert bar["passed"] and bar["measured"] >= bar["class_accuracy_min"] == 0.9
-    bb, cfg = load_teacher("mnist_dit", ASSETS)
+    bb, cfg = load_teacher(name, ASSETS)
     labels = torch.arange(10).repeat_interleave(10)
     x = generate(bb, labels, float(cfg.guidance), cfg.schedule, cfg.time_input, seed=7, batch=100)
     acc = accuracy(load_classifier(ASSETS / "mnist_classifier.pt"), x, labels)
-    assert acc >= 0.85, f"{acc:.2f} of the shipped DiT's samples are classified as their conditioning class"
+    assert acc >= fresh_min, f"{acc:.2f} of the shipped {name}'s samples are classified as their conditioning class"
