@@ -31,7 +31,7 @@ bench: $(VENV)/.bench
 bench-gpu: $(VENV)/.bench
 	$(PY) -m benchmarks gpu $(ARGS)
 
-# Retrain the MNIST demo models into assets/ (classifier, then both teachers side by side, one thread each),
+# Retrain the MNIST demo models into assets/ (classifier, then the teachers in stages, see below),
 # measure them and rewrite the manifest. The recipe of the shipped files (assets/MANIFEST.json has the exact
 # commands, times and losses of every stage): stage 1 AdamW lr 1e-3, 500 warm-up steps, cosine to zero at
 # max_steps, clip 1.0, EMA 0.999, batch 64, 8000 steps, capped at 88 min; stage 2 warm-starts from stage 1's
