@@ -14,15 +14,19 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FAST = ["trainer.enable_progress_bar=false"]
-# train.py's built-in default is the MNIST demo; tests run on the tiny random backbone unless they choose
+# train.py's built-in default is the MNIST demo (experiment=mnist_dit); tests compose the groups alone
+# (experiment=none) on the tiny random backbone unless they choose an experiment or a backbone
 TINY = ["backbone=tiny_dit"]
 
 
 def with_tiny(name: str, overrides: list[str]) -> list[str]:
-    """``overrides`` plus ``backbone=tiny_dit`` for train configs that pick no backbone / experiment."""
-    if name != "train" or any(o.split("=", 1)[0].lstrip("+~") in ("backbone", "experiment") for o in overrides):
+    """``overrides`` plus ``experiment=none`` for train configs that pick no experiment, and
+    ``backbone=tiny_dit`` for those that pick neither an experiment nor a backbone."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if name != "train" or "experiment" in keys:
         return list(overrides)
-    return [*overrides, *TINY]  # after the flags (train.py -m ...: argparse takes one block of overrides)
+    extra = ["experiment=none"] + ([] if "backbone" in keys else TINY)
+    return [*overrides, *extra]  # after the flags (train.py -m ...: argparse takes one block of overrides)
 
 
 def compose_cfg(name: str, overrides: list[str], out: Path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from hydra_utils import CONF, compose_cfg
 
@@ -40,7 +42,7 @@ def test_backbone_options(tmp_path, name):
         bb = build_backbone(cfg.backbone)
     assert bb.layout.num_sites == len(bb.cache_sites()) == bb.depth * len(bb.site_kinds)
     assert cfg.run_name.startswith(slug(cfg.backbone.arch) + "-ddim_20-l2c")
-    assert cfg.policy.theta == cfg.backbone.l2c.theta  # the family's L2C recipe reaches the policy
+    assert "l2c" not in cfg.backbone  # a backbone config builds the model; recipes live in experiments
 
 
 def test_run_name_follows_what_runs_not_the_option_name(tmp_path):
@@ -152,17 +154,14 @@ def test_debug_is_composed_last_and_wins_over_experiment(tmp_path):
     assert cfg.callbacks is None and build_callbacks(cfg.callbacks) == []
 
 
-def test_compare_none_under_an_experiment_that_sets_compare_keys_is_refused_before_training(tmp_path):
+def test_compare_none_under_an_experiment_switches_the_comparison_off(tmp_path):
     """Defect: experiment=mnist_frontier compare=none left the experiment's compare.* keys as a partial
-    comparison, which failed after the router had trained with a KeyError-like message."""
-    from diffcache.tasks.train import check_compare
-
-    cfg = compose_cfg("train", ["experiment=mnist_frontier", "compare=none"], tmp_path)
-    assert cfg.compare and "cache_dir" not in cfg.compare  # the partial comparison the check is there for
-    with pytest.raises(ValueError, match="compare=none"):
-        check_compare(cfg)
-    check_compare(compose_cfg("train", ["experiment=mnist_frontier"], tmp_path))  # its own comparison: fine
-    check_compare(compose_cfg("train", ["compare=none"], tmp_path))  # no experiment: no comparison, fine
+    comparison. The experiment now picks its comparison as a group option (conf/compare/frontier.yaml),
+    so compare=none replaces all of it and no runtime guard is needed."""
+    assert compose_cfg("train", ["experiment=mnist_frontier", "compare=none"], tmp_path).compare is None
+    c = compose_cfg("train", ["experiment=mnist_frontier"], tmp_path).compare
+    assert c.cache_dir and list(c.steps) == [6, 8, 10, 12, 14, 16] and list(c.search.budgets) == [0.6, 0.7, 0.8, 0.9]
+    assert compose_cfg("train", ["compare=none"], tmp_path).compare is None
 
 
 @pytest.mark.parametrize("name", options("experiment"))
@@ -190,9 +189,20 @@ def test_experiment_hyperparameters_match_reference(tmp_path):
         assert cfg.data.batch_size * cfg.trainer.devices == 64
 
 
-def test_family_recipe_without_experiment(tmp_path):
-    """backbone=uvit alone takes U-ViT's L2C recipe (lambda 0.1, sum, theta 0.9, no clamp); overrides win."""
+def test_recipes_come_from_experiments_not_from_the_backbone(tmp_path):
+    """A backbone config builds the model only: backbone=uvit alone takes the policy / module defaults (the
+    paper's DiT recipe, no metrics, no comparison); experiment=l2c_uvit_dpm20 / mnist_uvit bring U-ViT's
+    (lambda 0.1, sum MSE, theta 0.9, no clamp); `python train.py` is the MNIST DiT demo with its metrics and
+    comparison; overrides win."""
+    recipe = lambda c: (c.policy.lam, c.policy.theta, c.policy.clamp, c.module.loss_reduction)  # noqa: E731
     cfg = compose_cfg("train", ["backbone=uvit", "solver=dpm20"], tmp_path)
-    assert (cfg.policy.lam, cfg.policy.theta, cfg.policy.clamp, cfg.module.loss_reduction) == (0.1, 0.9, None, "sum")
-    cfg = compose_cfg("train", ["backbone=uvit", "policy.theta=0.5"], tmp_path)
-    assert cfg.policy.theta == 0.5
+    assert recipe(cfg) == (1e-6, 0.1, 5.0, "mean") and cfg.metrics is None and cfg.compare is None
+    for exp in ("l2c_uvit_dpm20", "mnist_uvit"):
+        assert recipe(compose_cfg("train", [f"experiment={exp}"], tmp_path)) == (0.1, 0.9, None, "sum"), exp
+    cfg = compose_cfg("train", ["experiment=mnist_uvit", "policy.theta=0.5"], tmp_path)
+    assert cfg.policy.theta == 0.5 and cfg.backbone.arch == "mnist_uvit" and cfg.solver._target_.endswith("DPMSolver2")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        demo = compose("train", overrides=[])  # what `python train.py` runs
+    assert demo.backbone.arch == "mnist_dit" and demo.metrics.quality and demo.compare.cache_dir
+    assert recipe(demo)[1:] == (0.1, 5.0, "mean")

@@ -4,7 +4,7 @@
     python -m diffcache.export_schedule --fora 3 --backbone dit --solver ddim50 --out fora.json
 
 ``router.pt``: an L2C router (trained, released or searched), read at ``--theta`` (default: the
-backbone config's ``l2c.theta``, what ``evaluate.py`` uses) or ``--budget``. ``--backbone`` / ``--solver``
+``policy=l2c`` config's ``theta``, what ``evaluate.py`` uses) or ``--budget``. ``--backbone`` / ``--solver``
 are config-group names (``conf/backbone``, ``conf/solver``); only the layout and the step schedule are
 read, no weights are loaded.
 """
@@ -25,7 +25,7 @@ def _conf_dir(given: str | None) -> Path:
 
 
 def compose_run(backbone: str, solver: str, overrides: list[str], conf_dir: str | None = None):
-    """(backbone on the meta device, solver, backbone config) from the config groups."""
+    """(backbone on the meta device, solver, the composed config) from the config groups."""
     import torch
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -37,12 +37,12 @@ def compose_run(backbone: str, solver: str, overrides: list[str], conf_dir: str 
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(_conf_dir(conf_dir)), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"backbone={backbone}", f"solver={solver}", *overrides])
+        cfg = compose("evaluate", overrides=[f"backbone={backbone}", f"solver={solver}", "policy=l2c", *overrides])
     c = _plain(cfg.backbone)
     run = {k: c.pop(k) for k in BACKBONE_RUN_KEYS if k in c}
     with torch.device("meta"):
         model = instantiate(c, **(run.get("overrides") or {}))
-    return model, instantiate(cfg.solver), cfg.backbone
+    return model, instantiate(cfg.solver), cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("router", nargs="?", help="L2C router file (.pt / .pth); omit with --fora")
     p.add_argument("--solver", required=True, help="solver config name, e.g. ddim20, dpmpp10, dpm20")
     p.add_argument("--backbone", default="tiny_dit", help="backbone config name for the site layout (default tiny_dit)")
-    p.add_argument("--theta", type=float, default=None, help="L2C threshold (default: the backbone's l2c.theta)")
+    p.add_argument("--theta", type=float, default=None, help="L2C threshold (default: policy=l2c's theta)")
     p.add_argument("--budget", type=float, default=None, help="L2C compute budget instead of theta")
     p.add_argument("--cache-interval", type=int, default=2, help="L2C schedule cache interval (default 2)")
     p.add_argument("--fora", type=int, default=None, metavar="N", help="export FORA with interval N instead of a router")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (a.router is None) == (a.fora is None):
             raise ValueError("give either a router file or --fora N")
-        backbone, solver, bcfg = compose_run(a.backbone, a.solver, a.overrides, a.config_dir)
+        backbone, solver, cfg = compose_run(a.backbone, a.solver, a.overrides, a.config_dir)
         layout = backbone.layout
         if a.fora is not None:
             from .policies.fora import FORAPolicy
@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .policies.l2c import L2CPolicy
 
-            theta = float(a.theta if a.theta is not None else bcfg.l2c.theta)
+            theta = float(a.theta if a.theta is not None else cfg.policy.theta)
             policy = L2CPolicy.from_official(a.router, theta=theta, budget=a.budget, cache_interval=a.cache_interval,
                                              layout=layout)
             what = {"policy": "l2c", "router": str(a.router), "theta": theta, "budget": a.budget,
                     "cache_interval": a.cache_interval}
         mask = ss.static_mask(policy, layout, solver)
-        obj = ss.schedule_json(mask, layout, solver, backbone=str(bcfg.get("arch") or a.backbone),
+        obj = ss.schedule_json(mask, layout, solver, backbone=str(cfg.backbone.get("arch") or a.backbone),
                                source=ss.reuse_sources(policy, mask), **what)
         ss.write_json(obj, a.out)
         print(f"wrote {a.out}: {len(mask)} evaluations x {layout.num_sites} branches, "

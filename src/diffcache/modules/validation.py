@@ -28,7 +28,9 @@ class QualityValidation:
     def _set_quality(self, quality, guidance: float | None, seed: int) -> None:
         if quality is not None and self.backbone.in_channels not in (1, 3):
             raise ValueError(f"validation metrics need images: {type(self.backbone).__name__} samples "
-                             f"{self.backbone.in_channels}-channel latents and no decoder is configured")
+                             f"{self.backbone.in_channels}-channel latents and no decoder is configured; set metrics=none (the "
+                             f"default experiment=mnist_dit brings metrics=mnist: run other teachers with their own "
+                             f"experiment or experiment=none)")
         object.__setattr__(self, "quality", quality)
         self.val_guidance, self.val_seed = guidance, int(seed)
 

@@ -92,23 +92,8 @@ def _reuse_router(cache: Path | None, out: Path) -> dict | None:
     return summary
 
 
-# keys only the compare group's files set: a compare without them is an experiment's keys merged onto compare=none
-_COMPARE_GROUP_KEYS = ("batch_size", "cache_dir", "guidance")
-
-
-def check_compare(cfg) -> None:
-    """Refuse, before any training, a comparison that is only an experiment's ``compare.*`` keys: the
-    ``compare=none`` group set it to null and the experiment's body then re-created a partial one."""
-    c = cfg.get("compare")
-    if c and (missing := [k for k in _COMPARE_GROUP_KEYS if k not in c]):
-        raise ValueError(f"compare has no {', '.join(missing)}: compare=none switched the comparison off, but the "
-                         f"experiment sets compare.* keys of its own, so a partial one remains. Run the experiment "
-                         f"with its comparison, or without the experiment for a router alone.")
-
-
 def train(cfg: DictConfig) -> dict:
     """Train a cache router; returns the final metrics (also written to ``summary.json``)."""
-    check_compare(cfg)
     setup_console()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)

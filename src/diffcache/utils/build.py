@@ -1,7 +1,7 @@
 """Config -> objects, with Hydra as the factory: every group node names its class with ``_target_``.
 
 Only the backbone needs more than ``instantiate``: its node also carries settings that other groups
-and the tasks read (weights, guidance, noise schedule, x0 clipping, the family's L2C recipe), which are not
+and the tasks read (weights, guidance, noise schedule, x0 clipping), which are not
 constructor arguments; they are listed once, in :data:`BACKBONE_RUN_KEYS`.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-BACKBONE_RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "l2c", "vae",
+BACKBONE_RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "vae",
                      "vae_scale", "clip_denoised")
 
 
