@@ -41,7 +41,7 @@ def step_fn(arch: str, batch: int, dev: torch.device, steps: int = 20, bf16: boo
     model = load_backbone(arch, random_init=True, **overrides).to(dev)
     solver = make_solver("ddim", steps, schedule="linear")
     policy = L2CPolicy(solver=solver, layout=model.layout, init_seed=0, clamp=5.0).to(dev)
-    module = RouterDistill(model, solver, policy, lam=1e-6).to(dev)
+    module = RouterDistill(model, solver, policy, lam=1e-6, draw="batch").to(dev)  # L2C: one cache step per batch
     module.log = module.log_dict = lambda *a, **k: None  # outside a Trainer
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)

@@ -50,7 +50,7 @@ def test_router_training_on_the_shipped_teacher_has_signal_and_reduces_the_loss(
     # lam = 0: computing everything is optimal, so training must lower the distillation error (lr 0.2 and a
     # cache step per sample move every router's N(0, 1) logits far enough in 30 steps to show it)
     cfg = compose_cfg("train", [*BASE, "trainer.max_steps=30", "policy.lam=0", "module.optimizer.lr=0.2",
-                                "module.per_sample_steps=true",
+                                "module.draw=sample",
                                 "callbacks=none"], tmp_path)
     backbone, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
     initial = build_policy(cfg.policy)  # the run's own initial logits (same init seed)

@@ -11,6 +11,8 @@
     around the logit threshold that keeps ``b`` of the cache-step MACs (``beta = sigmoid((logit - tau_b) / T)``),
     so what is learned is a *ranking* of sites that is good at every budget; at inference ``policy.budget=b``
     picks the top sites of that ranking (:func:`~diffcache.policies.l2c.budget.budget_masks`).
+``trajectory`` -- the error of the final sample of the whole cached trajectory, at a fixed MAC budget
+    (:mod:`.trajectory`), optionally starting from the searched schedule.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from ..data.seeded import seeded_inputs
 from ..policies.l2c.budget import budget_masks
 from ..sampling import sample
 
-OBJECTIVES = ("l2c", "iepo", "budget")
+OBJECTIVES = ("l2c", "iepo", "budget", "trajectory")
 
 
 @torch.no_grad()

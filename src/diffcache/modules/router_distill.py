@@ -1,7 +1,9 @@
 """Router distillation (L2C): train a cache policy against its own frozen backbone.
 
 One iteration, as L2C's ``router_training_losses`` does it:
-1. draw a cache evaluation ``m`` (one per device batch, or one per sample);
+1. draw cache evaluations (``module.draw``, :mod:`.distill_steps`): one ``m`` per device batch (L2C), one per
+   sample, stratified so every router trains every iteration (the default), or every cache step of one
+   trajectory;
 2. put the state at the start of the previous solver step ``s``: forward-diffuse real latents there
    (``data=latents``, faithful) or run the student's own hard-cached trajectory from pure noise
    (``data=noise``, image-free: training sees the errors earlier cached steps cause);
@@ -9,7 +11,11 @@ One iteration, as L2C's ``router_training_losses`` does it:
    branch outputs as the cache (for DPM-Solver-2 that ends on the midpoint: the shifted schedule);
 4. teacher: the same backbone at ``m`` with the policy disabled; student: soft routing at ``m``;
 5. loss ``MSE(student, teacher) + lam * sum(beta of router m)`` (MSE reduction mean or sum over
-   C,H,W, then mean over the batch).
+   C,H,W, then mean over the batch), each step's term divided by its fully-cached MSE
+   (:func:`~.distill_steps.cached_step_scales`) so every step is on one scale (Adam trains the same routers).
+
+How long: ``updates_per_router`` and the convergence rule (:mod:`.convergence`, a callback this module
+brings), else ``trainer.max_steps``.
 
 The backbone is held outside the module tree, so checkpoints hold policy keys only and DDP never
 sees the frozen weights; ``requires_grad`` off and eval mode are asserted every step. The policy is
@@ -30,7 +36,10 @@ import torch
 
 from ..denoiser import Denoiser
 from ..sampling import advance
+from .convergence import DRAWS, RouterConvergence, logit_distance
+from .distill_steps import cached_step_scales, step_mse, stratified_picks, trajectory_terms
 from .objectives import OBJECTIVES, budget_shift, iepo_weights
+from .trajectory import TrajectoryObjective
 from .validation import QualityValidation
 
 NONFINITE = ("error", "skip")
@@ -41,11 +50,15 @@ class RouterDistill(QualityValidation, L.LightningModule):
 
     def __init__(self, backbone, solver, policy, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  lam: float = 1e-6, loss_reduction: str = "mean", label_drop: float = 0.1,
-                 per_sample_steps: bool = False, heatmap_every: int = 50, seed: int = 0,
+                 draw: str = "sample", updates_per_router: int | None = None, converge: dict | None = None,
+                 heatmap_every: int = 50, seed: int = 0,
                  nonfinite: str = "error", quality=None, val_guidance: float | None = None, val_seed: int = 12345,
                  objective: str = "l2c", iepo_every: int = 500, iepo_samples: int = 8, iepo_normalize: bool = False,
-                 budget_range: tuple[float, float] = (0.2, 1.0), budget_temperature: float = 1.0):
+                 budget_range: tuple[float, float] = (0.2, 1.0), budget_temperature: float = 1.0,
+                 trajectory: dict | None = None):
         super().__init__()
+        if draw not in DRAWS:
+            raise ValueError(f"module.draw must be one of {DRAWS}, got {draw!r}")
         if objective not in OBJECTIVES:
             raise ValueError(f"module.objective must be one of {OBJECTIVES}, got {objective!r}")
         lo, hi = (float(v) for v in budget_range)
@@ -71,17 +84,33 @@ class RouterDistill(QualityValidation, L.LightningModule):
             raise ValueError(f"solver {solver.name} with {solver.num_evals} evaluations has no cache step to train")
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0)
         self.lam, self.loss_reduction, self.label_drop = float(lam), loss_reduction, label_drop
-        self.per_sample_steps, self.heatmap_every = per_sample_steps, heatmap_every
+        self.draw, self.heatmap_every = draw, heatmap_every
+        self.updates_per_router, self.converge = updates_per_router, dict(converge or {})
+        self.scales: dict[int, float] = {}
         self.seed, self.nonfinite = seed, nonfinite
         self.skipped_steps = 0
         self._set_quality(quality, val_guidance, val_seed)
         self.objective, self.iepo_every, self.iepo_samples = objective, int(iepo_every), int(iepo_samples)
         self.iepo_normalize, self.budget_range, self.budget_temperature = iepo_normalize, (lo, hi), budget_temperature
         self.iepo: dict[int, float] | None = None
+        self.traj = TrajectoryObjective(**dict(trajectory or {})) if objective == "trajectory" else None
 
     # ------------------------------------------------------------------ lightning plumbing
     def on_fit_start(self) -> None:
         self.backbone.to(self.device)
+        if self.traj is not None:
+            self.traj.setup(self, fresh=self.global_step == 0)
+            return
+        self.scales = cached_step_scales(self.denoiser, self.solver, self.policy, self.cache_evals, self.loss_reduction,
+                                         seed=self.seed)
+
+    def configure_callbacks(self):
+        """The run's length (:mod:`.convergence`): updates per router and the convergence rule."""
+        c = self.converge
+        lr = float(getattr(self.optimizer_factory, "keywords", {}).get("lr", 1e-3))
+        floor = c.get("min_updates", math.ceil(logit_distance(self.policy.theta) / lr))
+        return [RouterConvergence(self.updates_per_router, every=c.get("every"), patience=c.get("patience", 3),
+                                  eps=c.get("eps", 1e-3), min_updates=floor)]
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Soft routing while training. Lightning >= 2.2 keeps each submodule's mode as it found it (and
@@ -94,6 +123,10 @@ class RouterDistill(QualityValidation, L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.policy.clamp_()
+
+    def on_train_end(self) -> None:
+        if self.traj is not None:
+            self.traj.finish(self.policy)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         layout = self.backbone.layout
@@ -146,37 +179,73 @@ class RouterDistill(QualityValidation, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         self._assert_frozen()
         g = self._generator()
-        x0, cond, B = self._inputs(batch, g)
-        if self.per_sample_steps:
-            picks = torch.randint(len(self.cache_evals), (B,), generator=g)
-            groups = [(self.cache_evals[int(i)], (picks == i).nonzero().flatten()) for i in picks.unique()]
+        if self.traj is not None:  # the final sample, CFG as sampling uses it: real labels, no label drop
+            B = (batch["x0"] if "x0" in batch else batch["index"]).shape[0]
+            cond = batch["cond"] if "cond" in batch else _to(self.backbone.random_cond(B, g), self.device)
+            loss, logs = self.traj.step(self, B, cond, g)
+            logs = {"train/mse": float(loss.detach()), "train/sum_beta": 0.0, **logs}
         else:
-            m = self.cache_evals[int(torch.randint(len(self.cache_evals), (1,), generator=g))]
-            groups = [(m, None)]
-        mse_total, l1_total = 0.0, 0.0
-        weights, shift = self._objective_terms(g)
-        with self.policy.bound(self.backbone, self.solver), self.policy.soft_threshold(shift, self.budget_temperature):
-            for m, idx in groups:
-                xs = None if x0 is None else (x0 if idx is None else x0[idx])
-                cs = cond if idx is None else _index_cond(cond, idx.to(self.device))
-                n = B if idx is None else len(idx)
-                mse, l1 = self._distill_at(m, xs, cs, n, g)
-                mse_total = mse_total + weights.get(m, 1.0) * mse * (n / B)
-                l1_total = l1_total + l1 * (n / B)
-        lam = 0.0 if self.objective == "budget" else self.lam  # a drawn budget, not the L1 term, sets the compute
-        loss = mse_total + lam * l1_total
+            x0, cond, B = self._inputs(batch, g)
+            weights, shift = self._objective_terms(g)
+            with self.policy.bound(self.backbone, self.solver), \
+                    self.policy.soft_threshold(shift, self.budget_temperature):
+                terms = self._terms(x0, cond, B, g)
+            loss, logs = self._assemble(terms, weights)
         if not torch.isfinite(loss.detach()):
             if self.nonfinite == "error":
                 raise FloatingPointError(
-                    f"router training loss is {float(loss):g} at step {self.global_step} (mse {float(mse_total):g}, "
-                    f"sum_beta {float(l1_total):g}, lam {self.lam:g}); stopping before a non-finite router is "
+                    f"router training loss is {float(loss):g} at step {self.global_step} (mse {logs['train/mse_raw']:g}, "
+                    f"sum_beta {logs['train/sum_beta']:g}, lam {self.lam:g}); stopping before a non-finite router is "
                     f"written. Lower policy.lam / module.optimizer.lr, or set module.nonfinite=skip")
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=B)
             return None
-        self.log_dict({"train/loss": loss, "train/mse": mse_total, "train/sum_beta": l1_total,
-                       "train/cache_eval": float(groups[0][0])}, prog_bar=True, batch_size=B)
+        bar = {"train/loss": loss, "train/mse": logs.pop("train/mse"), "train/sum_beta": logs.pop("train/sum_beta")}
+        self.log_dict(bar, prog_bar=True, batch_size=B)
+        self.log_dict(logs, batch_size=B)
         return loss
+
+    def _terms(self, x0, cond, B: int, g: torch.Generator) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+        """``{cache evaluation m: (MSE, sum beta of router m, share of the iteration)}`` by ``module.draw``."""
+        if self.draw == "trajectory":
+            solver = self.solver
+            shape = (B, self.backbone.in_channels, self.backbone.input_size, self.backbone.input_size)
+            eps = torch.randn(shape, generator=g).to(self.device)
+            if x0 is not None:  # real data forward-diffused to the first evaluation
+                a, s = solver.alpha_sigma(0)
+                eps = a * x0 + s * eps
+            self.policy.reset()
+            terms = trajectory_terms(self.denoiser, solver, self.policy, solver.init(eps, 0), cond, self.cache_evals,
+                                     self.loss_reduction, generator=g)
+            return {m: (mse.mean(), l1, 1.0 / len(terms)) for m, (mse, l1) in terms.items()}
+        M = len(self.cache_evals)
+        picks = stratified_picks(B, M, g) if self.draw == "sample" else \
+            torch.full((B,), int(torch.randint(M, (1,), generator=g)))
+        out = {}
+        for i in picks.unique().tolist():
+            idx = (picks == i).nonzero().flatten()
+            whole = len(idx) == B
+            xs = None if x0 is None else (x0 if whole else x0[idx])
+            cs = cond if whole else _index_cond(cond, idx.to(self.device))
+            mse, l1 = self._distill_at(self.cache_evals[i], xs, cs, len(idx), g)
+            out[self.cache_evals[i]] = (mse, l1, len(idx) / B)
+        return out
+
+    def _assemble(self, terms: dict, weights: dict[int, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss (each step's term over its fully-cached MSE, see :mod:`.distill_steps`) and what is logged."""
+        lam = 0.0 if self.objective == "budget" else self.lam  # a drawn budget, not the L1 term, sets the compute
+        loss, logs = 0.0, {"train/mse": 0.0, "train/mse_raw": 0.0, "train/sum_beta": 0.0}
+        for m, (mse, l1, share) in terms.items():
+            scale = self.scales.get(m, 1.0)
+            loss = loss + share * (weights.get(m, 1.0) * mse + lam * l1) / scale
+            rel = float(mse.detach()) / scale
+            logs["train/mse"] += share * rel
+            logs["train/mse_raw"] += share * float(mse.detach())
+            logs["train/sum_beta"] += share * float(l1.detach())
+            logs[f"train/mse_step/e{m}"] = rel
+        if self.draw == "batch":
+            logs["train/cache_eval"] = float(next(iter(terms)))
+        return loss, logs
 
     def _objective_terms(self, g: torch.Generator) -> tuple[dict[int, float], float]:
         """(loss weight per cache evaluation, soft-routing logit shift) of this iteration's objective."""
@@ -214,9 +283,7 @@ class RouterDistill(QualityValidation, L.LightningModule):
             with policy.disabled():
                 teacher = den.raw(x, m, solver, cond)
         student = den.raw(x, m, solver, cond)
-        err = (student.float() - teacher.float()).pow(2).flatten(1)
-        per_sample = err.mean(1) if self.loss_reduction == "mean" else err.sum(1)
-        return per_sample.mean(), policy.sum_beta(m)
+        return step_mse(student, teacher, self.loss_reduction).mean(), policy.sum_beta(m)
 
 
 def _to(cond, device):

@@ -137,6 +137,7 @@ def train(cfg: DictConfig) -> dict:
     train_s = time.perf_counter() - t0  # the fit's wall time (validation included), next to a search's time
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     step = last.restore(policy) if partial else trainer.global_step
+    length = _length_report(trainer, module)
     if trainer.is_global_zero:
         router_path = policy.export_official(out / "router")
         metrics.update(policy.summary(backbone.layout, solver))
@@ -144,7 +145,7 @@ def train(cfg: DictConfig) -> dict:
                    "train_s": round(train_s, 2),
                    "overrides": _task_overrides(), "lam": policy.lam, "theta": policy.theta,
                    "loss_reduction": module.loss_reduction, "clamp": policy.clamp,
-                   "skipped_steps": module.skipped_steps, **_macs(backbone, solver, policy), **metrics}
+                   "skipped_steps": module.skipped_steps, **length, **_macs(backbone, solver, policy), **metrics}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if partial:
             log.warning("interrupted: router of the last completed step (%d) saved to %s (partial)", step, router_path)
@@ -171,6 +172,20 @@ def _compare(cfg, backbone, solver, router_path: Path, out: Path, train_s: float
     print(f"\n{write_table(rows, out / 'comparison')}\nsaved: {out / 'comparison.md'} (.csv, .json), "
           f"samples {out / 'comparison_samples.png'}, router {router_path}, heatmaps {out / 'router_heatmaps'}, "
           f"validation grids {out / 'val_samples'}")
+
+
+def _length_report(trainer, module) -> dict:
+    """Updates per router (least / most trained) and why training stopped, logged and kept in the summary."""
+    from ..modules.convergence import RouterConvergence
+
+    cb = next((c for c in trainer.callbacks if isinstance(c, RouterConvergence)), None)
+    if cb is None:
+        return {}
+    rep = cb.report(module)
+    log.info("router training: %d-%d updates per router in %d iterations (draw=%s), stopped by %s",
+             rep["updates_per_router_min"], rep["updates_per_router_max"], trainer.global_step, module.draw,
+             rep["stopped_by"])
+    return {**rep, "draw": module.draw}
 
 
 def _macs(backbone, solver, policy) -> dict:

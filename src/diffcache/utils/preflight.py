@@ -3,8 +3,10 @@
 Mistakes that would otherwise surface as a library traceback, or only after minutes of setup, end here
 with one ``error: ...`` line (exit 2) naming the setting to change: an output or checkpoint directory
 that cannot be written, more GPUs than the machine has, several devices without the DDP strategy router
-training needs, ``train.py`` with a policy that has nothing to train. ``logger=wandb`` with no API key
-configured and no ``WANDB_MODE`` logs offline (``wandb sync`` uploads later), and says so.
+training needs, ``train.py`` with a policy that has nothing to train, a router recipe whose ``lr x updates
+per router`` cannot move a logit past theta (refused when it states ``module.updates_per_router``, else
+warned). ``logger=wandb`` with no API key configured and no ``WANDB_MODE`` logs offline (``wandb sync``
+uploads later), and says so.
 """
 from __future__ import annotations
 
@@ -87,6 +89,21 @@ def check_policy_trains(policy) -> None:
                          f"evaluate.py policy={name})")
 
 
+def check_recipe_reach(cfg: DictConfig) -> None:
+    """A router recipe whose ``lr x updates per router`` cannot move a logit past theta: refused when the recipe
+    states ``module.updates_per_router``, a loud warning when ``trainer.max_steps`` caps it (a smoke run)."""
+    from ..modules.convergence import recipe_reach
+
+    try:
+        problem, stated = recipe_reach(cfg)
+    except Exception:  # noqa: BLE001 - a config that cannot be read here fails, with its own message, where it is built
+        return
+    if problem and stated:
+        raise ValueError(problem)
+    if problem:
+        log.warning("THIS ROUTER CANNOT CONVERGE: %s", problem)
+
+
 def wandb_has_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -122,6 +139,7 @@ def check(cfg: DictConfig, run_dir_key: str) -> None:
         check_policy_trains(cfg.get("policy"))
         if cfg.get("trainer") is not None:
             check_trainer(cfg.trainer)
+            check_recipe_reach(cfg)
     default_wandb_offline(_select(cfg, "logger"))
 
 

@@ -109,7 +109,8 @@ class L2CPolicy(CachePolicy):
         self._store: list[bool] | None = None  # hard full evaluation: which sites a later cache step reuses
         self._run_masks: dict[int, list[bool]] | None = None  # hard masks of the current run
         self._only: frozenset[int] | None = None  # caching_only(): cache evaluations allowed to cache
-        self._soft = (0.0, 1.0)  # soft_threshold(): beta = sigmoid((logit - shift) / temperature)
+        self._soft = (0.0, 1.0, False)  # soft_threshold(): beta = sigmoid((logit - shift) / temperature), STE
+        self._graph = False  # differentiable_cache(): the cache keeps the autograd graph
         self.imported: ckpt.OfficialRouters | None = None  # opt / args / archive of an imported file
         if num_routers is None and self.schedule is not None:
             num_routers = self.schedule.num_routers
@@ -231,9 +232,15 @@ class L2CPolicy(CachePolicy):
         (HarmoniCa's image-error proxy switches caching on one step at a time)."""
         return self._scoped("_only", frozenset(int(e) for e in evals))
 
-    def soft_threshold(self, shift: float, temperature: float = 1.0):
-        """Soft routing with ``beta = sigmoid((logit - shift) / temperature)`` inside the block (budget training)."""
-        return self._scoped("_soft", (float(shift), float(temperature)))
+    def soft_threshold(self, shift: float, temperature: float = 1.0, straight_through: bool = False):
+        """Soft routing with ``beta = sigmoid((logit - shift) / temperature)`` inside the block (budget training);
+        ``straight_through``: the forward uses the hard decision ``logit > shift``, the backward beta's gradient."""
+        return self._scoped("_soft", (float(shift), float(temperature), bool(straight_through)))
+
+    def differentiable_cache(self):
+        """Inside the block full evaluations store their outputs with their graph, so a loss at the end of a
+        trajectory reaches earlier routers through what later cache steps reuse (trajectory-level training)."""
+        return self._scoped("_graph", True)
 
     def _hard(self) -> bool:
         return not self.training and not self._recording
@@ -252,15 +259,17 @@ class L2CPolicy(CachePolicy):
         if r is None or self._recording:  # full evaluation (or recording): compute, refresh
             out = module(h, *args)
             if self._store is None or self._store[j]:
-                self._cache[key] = out.detach()
+                self._cache[key] = out if self._graph else out.detach()
             return out
         if self._hard():
             if self._masks()[r][j]:
                 return module(h, *args)
             return self._cached(key, h)
         cached = self._cached(key, h)  # train: soft mix of pre-gate outputs
-        shift, temp = self._soft
+        shift, temp, straight = self._soft
         beta = torch.sigmoid((self.routers[r][j] - shift) / temp)
+        if straight:  # the hard decision forward, the sigmoid's gradient backward
+            beta = (beta > 0.5).to(beta) + beta - beta.detach()
         return beta * module(h, *args) + (1 - beta) * cached
 
     def _cached(self, key, h: torch.Tensor) -> torch.Tensor:
