@@ -28,7 +28,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ..data.seeded import seeded_inputs
+from ..data.seeded import seeded_inputs, step_generators
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
 from ..policies.fora import FORAPolicy
@@ -45,9 +45,10 @@ def _samples(backbone, solver, policy, n: int, bs: int, guidance, seed: int, dev
     """The seeded set and the wall time of each full batch (the latency when ``latency_repeats`` is 0)."""
     out, times = [], []
     for start in range(0, n, bs):
-        noise, cond = seeded_inputs(backbone, range(start, min(start + bs, n)), seed, device)
+        idx = range(start, min(start + bs, n))
+        noise, cond = seeded_inputs(backbone, idx, seed, device)
         t = measure(lambda: out.append(sample(backbone, solver, policy, noise, cond, guidance,
-                                              generator=torch.Generator().manual_seed(seed + start)).cpu()),
+                                              generator=step_generators(idx, seed)).cpu()),
                     repeats=1, warmup=0, device=device)
         if noise.shape[0] == bs:
             times.append(t["median_s"])
@@ -213,7 +214,8 @@ def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = 
         row.update({"gmacs": gmacs, "macs_fraction": gmacs / rows[0]["gmacs"] if rows else 1.0})
         if int(c.latency_repeats) > 0 or not times:
             noise, cond = seeded_inputs(backbone, range(bs), seed, device)
-            times = [measure(lambda: sample(backbone, s, policy, noise, cond, guidance),
+            times = [measure(lambda: sample(backbone, s, policy, noise, cond, guidance,
+                                            generator=step_generators(range(bs), seed)),
                              repeats=max(int(c.latency_repeats), 1), warmup=1, device=device)["median_s"]]
         row["latency_s"] = statistics.median(times)
         row["speedup_latency"] = rows[0]["latency_s"] / row["latency_s"] if rows else 1.0

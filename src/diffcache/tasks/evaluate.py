@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..data.seeded import seeded_inputs
+from ..data.seeded import seeded_inputs, step_generators
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
 from ..modules.sampler import set_hash
@@ -39,14 +39,15 @@ def _device(name: str) -> torch.device:
 
 
 def _batches(cfg, backbone, device, conditioning: Conditioning):
-    """(noise, cond, generator) seeded per sample index: results never depend on the batch size; the
-    generator feeds stochastic solvers (DDPM) so cached and full runs share their per-step noise."""
+    """(noise, cond, step generators) seeded per sample index (:mod:`~diffcache.data.seeded`): results never
+    depend on the batch size, and cached and full runs share their per-step solver noise (DDPM)."""
     n, bs = int(cfg.eval.num_samples), int(cfg.eval.batch_size)
     if n < 1 or bs < 1:
         raise ValueError(f"eval.num_samples and eval.batch_size must be >= 1, got {n} and {bs}")
     for start in range(0, n, bs):
-        noise, cond = seeded_inputs(backbone, range(start, min(start + bs, n)), cfg.seed, device, conditioning.batch)
-        yield noise, cond, torch.Generator().manual_seed(cfg.seed * 104729 + start)
+        idx = range(start, min(start + bs, n))
+        noise, cond = seeded_inputs(backbone, idx, cfg.seed, device, conditioning.batch)
+        yield noise, cond, step_generators(idx, cfg.seed)
 
 
 def _sharded(cfg, backbone, solver, policy, guidance, conditioning, out_dir):
@@ -150,11 +151,12 @@ def evaluate(cfg: DictConfig) -> dict:
 def _latency(cfg, backbone, solver, policy, guidance: float, device, conditioning) -> dict:
     """Cached and uncached latency on the same first batch, same run: medians and their ratio."""
     noise, cond, _ = next(_batches(cfg, backbone, device, conditioning))
+    idx = range(noise.shape[0])
     reps = int(cfg.eval.latency_repeats)
     res = {}
     for key, pol in (("cached", policy), ("full", None)):
         lat = measure(lambda: sample(backbone, solver, pol, noise, cond, guidance=guidance,
-                                     generator=torch.Generator().manual_seed(0)), device=device, repeats=reps, warmup=1)
+                                     generator=step_generators(idx, cfg.seed)), device=device, repeats=reps, warmup=1)
         res.update({f"latency_{key}_s": lat["median_s"], f"latency_{key}_min_s": lat["min_s"],
                     f"latency_{key}_max_s": lat["max_s"]})
     res["speedup_latency"] = res["latency_full_s"] / max(res["latency_cached_s"], 1e-12)
