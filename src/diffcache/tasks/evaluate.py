@@ -10,7 +10,6 @@ has error 0, and every number reproduces (everything is seeded per sample index)
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -26,9 +25,6 @@ from ..utils.build import build_backbone, build_loggers, build_policy, build_sol
 from ..utils.console import setup_console
 from .eval_io import Conditioning, decode, save_grid
 from ..utils.hashing import file_sha256
-
-log = logging.getLogger(__name__)
-
 
 def _device(name: str) -> torch.device:
     if name == "auto":
@@ -144,8 +140,33 @@ def evaluate(cfg: DictConfig) -> dict:
     for lg in build_loggers(cfg.get("logger")):
         lg.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))}, step=0)
         lg.save()
-    log.info("evaluation: %s", json.dumps(result))
+    print(_report(cfg, solver, policy, result, cost, out))
     return result
+
+
+def _report(cfg, solver, policy, result: dict, cost: dict, out: Path) -> str:
+    """The run as a :class:`~diffcache.utils.record.Row` in ``results.json`` (what a sweep's frontier reads) and
+    ``evaluation.{md,csv}``; returns the short summary the console shows (the JSON stays in ``summary.json``)."""
+    from omegaconf import OmegaConf
+
+    from ..utils.record import QUALITY, Row, caption, provenance, save_rows, teacher_label, write_table
+
+    params = {k: v for k, v in (OmegaConf.to_container(cfg.policy, resolve=True) or {}).items()
+              if not k.startswith("_") and isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    full = policy.name == "none"
+    metrics = {k: float(result[k]) for k, _, _ in QUALITY if isinstance(result.get(k), (int, float))}
+    metrics.update({"psnr": result["psnr_vs_full_db"], "mse": result["mse_vs_full"]} if "mse_vs_full" in result else {})
+    prov = {**provenance(), "teacher": teacher_label(cfg.backbone), **({"router": result["router"]} if "router" in result else {})}
+    row = Row(method="full" if full else policy.name, title=f"full {solver.name.upper()}-{solver.num_evals}" if full
+              else policy.name, solver=solver.name, nfe=solver.num_evals, params={} if full else params,
+              seed=int(cfg.seed), num_samples=int(result["num_samples"]), metrics=metrics,
+              gmacs=cost["macs_cfg"] / 1e9, macs_fraction=float(cost["macs_ratio"]),
+              latency_s=result.get("latency_cached_s"), speedup_latency=result.get("speedup_latency"), provenance=prov)
+    save_rows([row], out)
+    text = caption("evaluation", prov["teacher"], row.num_samples, row.seed, prov)
+    md = write_table([row], out / "evaluation", text)
+    return f"\n{md}\nsaved: {out / 'summary.json'} (every number), {out / 'results.json'}" + (
+        f", {result['grid']}" if "grid" in result else "")
 
 
 def _latency(cfg, backbone, solver, policy, guidance: float, device, conditioning) -> dict:
