@@ -192,7 +192,7 @@ def test_trajectory_objective_learns_the_planted_sites_at_their_budget(tmp_path,
 
 
 def _planted_policy(model, solver):
-    from diffcache.policies.search.searcher import searched_policy
+    from diffcache.search.searcher import searched_policy
 
     sched = L2CPolicy(solver=solver).schedule
     reuse = [[not c for c in model.planted_compute()]] * len(sched.cache_evals())

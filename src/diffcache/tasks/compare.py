@@ -80,11 +80,11 @@ def router_rows(cfg, solver, router_path, full: str) -> list[dict]:
 
 
 def search_rows(cfg, solver, full: str) -> list[dict]:
-    """Searched schedules (:class:`~diffcache.policies.search.ScheduleSearch`), one row per (method, budget);
+    """Searched schedules (:class:`~diffcache.search.ScheduleSearch`), one row per (method, budget);
     the error table is measured once, when the first row not in the cache needs it."""
     import time
 
-    from ..policies.search import ScheduleSearch
+    from ..search import ScheduleSearch
 
     s = cfg.compare.get("search") or {}
     budgets, methods = list(s.get("budgets") or []), list(s.get("methods") or ["greedy", "dp"])
