@@ -84,7 +84,7 @@ def test_compare_rows_of_a_budget_conditioned_router_and_of_searched_schedules(t
     """One budget-conditioned router gives a row per requested budget; searched schedules (greedy and DP) are
     rows whose MACs lie within one branch below their budget, with their search time next to the training time."""
     from diffcache.metrics.cost import policy_cost
-    from diffcache.policies.search.searcher import site_macs
+    from diffcache.search.searcher import site_macs
     from diffcache.utils.build import build_backbone, build_solver
     from diffcache.utils.record import load_rows
 

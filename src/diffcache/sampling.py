@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .denoiser import Denoiser
-from .policies.base import run_with
+from .context import run_with
 from .solvers.base import Solver, SolverState
 
 

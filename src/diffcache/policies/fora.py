@@ -14,8 +14,6 @@ is available. ``interval=1`` is the uncached model. Caches are kept per CFG bran
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .base import CachePolicy
@@ -58,19 +56,19 @@ class FORAPolicy(CachePolicy):
     def reset(self) -> None:
         self._cache.clear()
 
-    def apply(self, layer: int, kind: str, module, h: torch.Tensor, *args: Any) -> torch.Tensor:
+    def apply(self, layer: int, kind: str, branch) -> torch.Tensor:
         ctx = self.ctx
         key = (ctx.branch, layer, kind)
         if self.full(ctx.num_evals)[ctx.nfe]:
-            out = module(h, *args)
+            out = branch()
             self._cache[key] = out
             return out
-        out = self._cache.get(key)
+        out = self._cache.get(key)  # reused: the branch (its norm and modulation too) is never evaluated
         if out is None:
             raise RuntimeError(f"FORA: no cached output for layer {layer} '{kind}' (branch {ctx.branch!r}) at nfe "
                                f"{ctx.nfe}; a run must start at its first evaluation")
-        if out.shape[0] != h.shape[0]:
-            raise RuntimeError(f"FORA cache holds a batch of {out.shape[0]} but this evaluation runs {h.shape[0]}")
+        if out.shape[0] != branch.x.shape[0]:
+            raise RuntimeError(f"FORA cache holds a batch of {out.shape[0]} but this evaluation runs {branch.x.shape[0]}")
         return out
 
     def compute_mask(self, layout=None, solver=None) -> dict[tuple[int, int, str], float]:

@@ -12,7 +12,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 BACKBONE_RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "vae",
-                     "vae_scale", "clip_denoised")
+                     "vae_scale", "clip_denoised", "dtype")
+# backbone.dtype: the weights' compute dtype (the solver state stays float32; see Denoiser)
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+          "float16": "float16", "fp64": "float64", "float64": "float64"}
+
+
+def model_dtype(name):
+    """``backbone.dtype`` -> a torch dtype (None: float32)."""
+    import torch
+
+    key = "fp32" if name is None else str(name).lower()
+    if key not in DTYPES:
+        raise ValueError(f"backbone.dtype={name!r} is not one of fp32, bf16, fp16 (or float32 / bfloat16 / float16)")
+    return getattr(torch, DTYPES[key])
 
 
 def _plain(cfg) -> dict[str, Any]:
@@ -21,11 +34,13 @@ def _plain(cfg) -> dict[str, Any]:
 
 def build_backbone(cfg):
     """Instantiate ``backbone._target_`` (a :class:`~diffcache.backbones.base.CachedBackbone` subclass or
-    factory), then load ``backbone.ckpt`` strictly; the result is in eval mode (a frozen teacher)."""
+    factory), load ``backbone.ckpt`` strictly and cast it to ``backbone.dtype``; the result is in eval mode
+    (a frozen teacher). The one place evaluate / train / search build a backbone."""
     from ..backbones import check_weights_given, load_checkpoint
 
     c = _plain(cfg)
     run = {k: c.pop(k) for k in BACKBONE_RUN_KEYS if k in c}
+    dtype = model_dtype(run.get("dtype"))  # a bad name fails before a slow build
     if "_target_" not in c:
         raise ValueError("the backbone config needs _target_ (e.g. diffcache.backbones.build_backbone with arch=, "
                          "or your own CachedBackbone subclass)")
@@ -35,7 +50,7 @@ def build_backbone(cfg):
         load_checkpoint(model, run["ckpt"])
     if run.get("clip_denoised") is not None:
         model.clip_denoised = bool(run["clip_denoised"])
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 def build_solver(cfg):

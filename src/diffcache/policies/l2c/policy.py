@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from ...backbones.base import SiteLayout
-from ..base import CachePolicy, StepContext
+from ...context import StepContext
+from ..base import CachePolicy
 from . import checkpoint as ckpt
 from . import provenance, report
 from .budget import budget_masks, site_costs
@@ -252,25 +253,26 @@ class L2CPolicy(CachePolicy):
         return self._run_masks
 
     # ------------------------------------------------------------------ the hook
-    def apply(self, layer: int, kind: str, module, h: torch.Tensor, *args: Any) -> torch.Tensor:
+    def apply(self, layer: int, kind: str, branch) -> torch.Tensor:
         key = (self.ctx.branch, layer, kind)
         r = self._active
         j = self.site_index(layer, kind)
         if r is None or self._recording:  # full evaluation (or recording): compute, refresh
-            out = module(h, *args)
+            out = branch()
             if self._store is None or self._store[j]:
                 self._cache[key] = out if self._graph else out.detach()
             return out
         if self._hard():
             if self._masks()[r][j]:
-                return module(h, *args)
-            return self._cached(key, h)
-        cached = self._cached(key, h)  # train: soft mix of pre-gate outputs
+                return branch()
+            return self._cached(key, branch.x)  # reused: its input is never computed
+        cached = self._cached(key, branch.x)  # train: soft mix of pre-gate outputs
         shift, temp, straight = self._soft
         beta = torch.sigmoid((self.routers[r][j] - shift) / temp)
         if straight:  # the hard decision forward, the sigmoid's gradient backward
             beta = (beta > 0.5).to(beta) + beta - beta.detach()
-        return beta * module(h, *args) + (1 - beta) * cached
+        beta = beta.to(cached.dtype)  # a float32 router must not promote a bf16 / fp16 model's activations
+        return beta * branch() + (1 - beta) * cached
 
     def _cached(self, key, h: torch.Tensor) -> torch.Tensor:
         out = self._cache.get(key)
