@@ -8,7 +8,9 @@ import math
 import torch
 from hydra_utils import compose_cfg, run_cli
 
+from diffcache.policies.fora import FORAPolicy
 from diffcache.tasks.compare import run
+from diffcache.tasks.methods import METHODS, Method
 from diffcache.utils.build import build_backbone, build_policy, build_solver
 from diffcache.utils.record import load_rows
 
@@ -50,10 +52,18 @@ def test_compare_without_training_recomputes_the_fewer_steps_tag_of_reused_rows(
     assert load_rows(tmp_path / "b" / "results.json")[2].role == reused.role  # the record on disk says the same
     md = (tmp_path / "b" / "comparison.md").read_text()
     assert f"| DDIM-{few_a.nfe} (reused) |" in md and f"| fewer steps: DDIM-{want} |" in md
-    # no router: the baselines alone, all from the cache, nothing tagged
-    alone = run(compose_cfg("compare_task", [*common, "router_ckpt=null", f"compare.steps=[{few_a.nfe}]"],
-                            tmp_path / "c"))
-    assert [r.method for r in alone] == ["full", "steps"] and all(r.provenance["reused"] and not r.role for r in alone)
+    # no router: the baselines alone, all from the cache, nothing tagged; and a new baseline is one METHODS
+    # entry (here FORA at interval 5 under a new method name): measured, recorded and tabled with no other edit
+    METHODS.append(Method("fora_dense", lambda ctx: [ctx.cached("fora_dense", "FORA dense", FORAPolicy(interval=k), N=k)
+                                                     for k in ctx.c.get("dense_intervals", [5])]))
+    try:
+        alone = run(compose_cfg("compare_task", [*common, "router_ckpt=null", f"compare.steps=[{few_a.nfe}]"],
+                                tmp_path / "c"))
+    finally:
+        METHODS.pop()
+    assert [r.method for r in alone] == ["full", "steps", "fora_dense"] and not any(r.role for r in alone)
+    assert alone[0].provenance["reused"] and alone[1].provenance["reused"] and not alone[2].provenance["reused"]
+    assert 0 < alone[2].macs_fraction < 1 and "| FORA dense N=5 |" in (tmp_path / "c" / "comparison.md").read_text()
     assert (tmp_path / "c" / "comparison_samples.png").is_file()
     assert "(reused)" in capsys.readouterr().out
 
