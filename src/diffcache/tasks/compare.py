@@ -197,3 +197,25 @@ def report(out_dir) -> str:
     files = [out_dir / f for f in ("comparison.md", "comparison.csv", "results.json", "comparison_samples.png",
                                    "router.pt", "router_heatmaps", "val_samples")]
     return f"\n{(out_dir / 'comparison.md').read_text()}\nsaved: " + ", ".join(str(f) for f in files if f.exists())
+
+
+def run(cfg) -> list[Row]:
+    """``compare.py``: build the teacher and sampler, compare, print the table (see the module docstring)."""
+    from ..utils.build import build_backbone, build_solver
+    from ..utils.console import setup_console
+
+    setup_console()
+    if not cfg.get("compare"):
+        raise ValueError("compare=none leaves nothing to compare; pick compare=default (or an experiment that sets it)")
+    router = cfg.get("router_ckpt")
+    if router and not Path(router).is_file():
+        raise FileNotFoundError(f"router_ckpt={router} does not exist; train one with train.py (<run>/router.pt) or "
+                                f"pass router_ckpt=null to compare the baselines alone")
+    name = str(cfg.get("device") or "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    backbone = build_backbone(cfg.backbone).to(device).eval()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = compare(cfg, backbone, build_solver(cfg.solver), router, out)
+    print(report(out))
+    return rows

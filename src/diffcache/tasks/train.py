@@ -1,7 +1,8 @@
 """``train(cfg)``: router training, callable from tests without ``@hydra.main``.
 
 Ctrl-C (SIGINT): Lightning stops fit gracefully (and exits); the router of the last *completed* step is
-exported anyway, with ``"partial": true`` in ``summary.json``, and the process exits with status 130.
+exported anyway, with ``"partial": true`` in ``summary.json`` and in the returned metrics (``train.py``'s
+``main`` then exits with status 130).
 Resume with ``ckpt_path=<run>/checkpoints/last.ckpt`` (the run continues in that run's folder); a
 checkpoint from another solver, interval or backbone is refused (``RouterDistill.on_load_checkpoint``).
 """
@@ -11,7 +12,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -158,9 +158,7 @@ def train(cfg: DictConfig) -> dict:
                         shutil.copy2(f, cache / f.name)
                 shutil.copy2(out / "summary.json", cache / "summary.json")  # last: marks the entry complete
             _compare(cfg, backbone.to(module.device), solver, router_path, out, train_s)
-    if partial:
-        sys.exit(130)
-    return metrics
+    return {**metrics, "partial": partial}
 
 
 def _compare(cfg, backbone, solver, router_path: Path, out: Path, train_s: float | None = None) -> None:
