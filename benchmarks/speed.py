@@ -26,7 +26,7 @@ import torch
 
 from diffcache.backbones import load_backbone
 from diffcache.metrics.cost import policy_cost
-from diffcache.policies.base import StepContext
+from diffcache.context import StepContext
 from diffcache.policies.fora import FORAPolicy
 from diffcache.policies.l2c import L2CPolicy
 from diffcache.policies.toca import ToCaPolicy
@@ -87,7 +87,7 @@ def l2c_policy(arch: str, steps: int, routers: Path | None) -> tuple[L2CPolicy, 
 def searched_policy(model, solver, macs_fraction: float, num_samples: int = 2) -> tuple[Any, str]:
     """A schedule searched on this model (DP on the next-state error of ``num_samples`` calibration samples) at
     the L2C row's MAC fraction of the whole sampler; with the search's wall time in the note."""
-    from diffcache.policies.search import ScheduleSearch
+    from diffcache.search import ScheduleSearch
 
     t0 = time.perf_counter()
     res = ScheduleSearch(budget=min(1.0, macs_fraction), method="dp", proxy="step", num_samples=num_samples,
@@ -132,7 +132,7 @@ def _graph_breaks(model, policy, solver, noise, y, guidance) -> dict:
     t = torch.full((x.shape[0],), 500.0, device=noise.device)
     reasons, graphs = [], 0
     evals = [0, 1] if policy is not None else [0]
-    ctx = dict(step=0, num_steps=solver.num_steps, num_evals=solver.num_evals, timestep=500.0,
+    ctx = dict(step=0, num_steps=solver.num_steps, num_evals=solver.num_evals,
                branch="all", cfg_layout=model.cfg_layout)
     import contextlib
 

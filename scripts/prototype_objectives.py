@@ -57,7 +57,7 @@ def main(argv) -> None:
     from diffcache.metrics.cost import policy_cost
     from diffcache.modules.trajectory import search_init  # noqa: F401  (the search used by the init)
     from diffcache.policies.l2c import L2CPolicy
-    from diffcache.policies.search import ScheduleSearch
+    from diffcache.search import ScheduleSearch
     from diffcache.sampling import sample
     from diffcache.utils.build import build_backbone, build_solver
 

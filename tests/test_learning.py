@@ -60,7 +60,7 @@ def test_a_recipe_too_short_to_move_a_logit_past_theta_does_not_learn_and_is_ref
         assert any(mask != model.planted_compute() for mask in masks.values()), seed
     problem, stated = recipe_reach(cfg)
     assert stated and problem and "cannot travel the 5.20" in problem
-    from diffcache.utils.preflight import check_recipe_reach
+    from diffcache.tasks.preflight import check_recipe_reach
 
     with pytest.raises(ValueError, match="Raise module.updates_per_router"):
         check_recipe_reach(cfg)
@@ -192,7 +192,7 @@ def test_trajectory_objective_learns_the_planted_sites_at_their_budget(tmp_path,
 
 
 def _planted_policy(model, solver):
-    from diffcache.policies.search.searcher import searched_policy
+    from diffcache.search.searcher import searched_policy
 
     sched = L2CPolicy(solver=solver).schedule
     reuse = [[not c for c in model.planted_compute()]] * len(sched.cache_evals())

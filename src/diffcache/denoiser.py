@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 from .backbones.base import cat_cond
-from .policies.base import StepContext
+from .context import StepContext
 from .solvers.base import ModelOutput, Solver
 
 
@@ -42,8 +42,7 @@ class Denoiser:
     def context(self, x: torch.Tensor, k: int, solver: Solver) -> tuple[torch.Tensor, StepContext]:
         """The backbone time input (B,) and the step context of evaluation ``k``."""
         t = torch.full((x.shape[0],), float(solver.model_times()[k]), dtype=x.dtype, device=x.device)
-        ctx = StepContext(nfe=k, step=solver.step_of(k), num_steps=solver.num_steps, num_evals=solver.num_evals,
-                          timestep=float(t[0]))
+        ctx = StepContext(nfe=k, step=solver.step_of(k), num_steps=solver.num_steps, num_evals=solver.num_evals)
         return t, ctx
 
     def _run(self, x, t, cond, ctx: StepContext):

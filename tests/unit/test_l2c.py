@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from diffcache.backbones.base import CachedBackbone
-from diffcache.policies.base import StepContext
+from diffcache.context import StepContext
 from diffcache.policies.l2c import (
     L2CPolicy,
     alternating_schedule,

@@ -6,7 +6,8 @@ import torch
 from tiny_models import Recorder, bound_for_test, perturbed
 
 from diffcache.backbones.uvit import VARIANTS, UViT
-from diffcache.policies.base import CachePolicy, StepContext
+from diffcache.context import StepContext
+from diffcache.policies.base import CachePolicy
 
 CTX = StepContext(nfe=0, step=0, num_steps=1, num_evals=1)
 

@@ -23,7 +23,7 @@ DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[3] / "assets" / "mnist_cla
 
 def mnist_extractor(classifier: str | os.PathLike | None = None) -> FeaturesAndLogits:
     """The shipped classifier as an extractor: features = ``fc(body(x))`` (128-d), logits = ``head``."""
-    from ..modules.classifier import load_classifier
+    from .classifier import load_classifier
 
     clf = load_classifier(classifier or DEFAULT_CLASSIFIER)
     ext = FeaturesAndLogits(nn.Sequential(clf.body, clf.fc), clf.head, (1, 32, 32), input="signed")

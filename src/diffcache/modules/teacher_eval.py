@@ -19,14 +19,14 @@ from .teacher_pretrain import CONF, grid_solver, official_file_name
 @torch.no_grad()
 def generate(backbone, labels: torch.Tensor, guidance: float | None, schedule: str, time_input: str,
              seed: int = 0, batch: int = 250) -> torch.Tensor:
-    """CFG samples with the family's 20-evaluation sampler; noise of sample i seeded by (seed, i)."""
+    """CFG samples with the family's 20-evaluation sampler; sample i seeded by (seed, i) (:mod:`~diffcache.data.seeded`)."""
+    from ..data.seeded import seeded_noise, step_generators
     from ..sampling import sample
 
     solver = grid_solver(backbone, schedule, 20, time_input)
-    shape = (backbone.in_channels, backbone.input_size, backbone.input_size)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-                         for i in range(len(labels))])
-    out = [sample(backbone, solver, None, noise[i:i + batch], labels[i:i + batch], guidance)
+    noise = seeded_noise((backbone.in_channels, backbone.input_size, backbone.input_size), range(len(labels)), seed)
+    out = [sample(backbone, solver, None, noise[i:i + batch], labels[i:i + batch], guidance,
+                  generator=step_generators(range(i, min(i + batch, len(labels))), seed))
            for i in range(0, len(labels), batch)]
     return torch.cat(out).clamp(-1, 1)
 

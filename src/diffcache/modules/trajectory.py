@@ -77,7 +77,7 @@ def search_init(backbone, solver, policy, budget: float, guidance, num_samples: 
                 margin: float = 1.0, centre: float = 0.0) -> dict:
     """Set the logits from the DP-searched reuse mask at ``budget`` (sampler MACs): ``centre + margin`` computed,
     ``centre - margin`` reused; returns the search summary."""
-    from ..policies.search import ScheduleSearch
+    from ..search import ScheduleSearch
 
     device = str(next(backbone.parameters()).device)
     search = ScheduleSearch(budget=budget, method="dp", proxy="final", num_samples=num_samples, seed=seed,

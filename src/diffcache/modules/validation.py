@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.seeded import seeded_inputs
+from ..data.seeded import seeded_inputs, step_generators
 from ..sampling import sample
 
 
@@ -43,11 +43,12 @@ class QualityValidation:
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.quality is None:
             return
-        noise, cond = seeded_inputs(self.backbone, batch["index"].tolist(), self.val_seed, self.device)
-        g = torch.Generator().manual_seed(self.val_seed + int(batch["index"][0]))
-        cached = sample(self.backbone, self.solver, self.policy, noise, cond, self.val_guidance, generator=g)
-        g = torch.Generator().manual_seed(self.val_seed + int(batch["index"][0]))
-        full = sample(self.backbone, self.solver, None, noise, cond, self.val_guidance, generator=g)
+        idx = batch["index"].tolist()
+        noise, cond = seeded_inputs(self.backbone, idx, self.val_seed, self.device)
+        cached = sample(self.backbone, self.solver, self.policy, noise, cond, self.val_guidance,
+                        generator=step_generators(idx, self.val_seed))
+        full = sample(self.backbone, self.solver, None, noise, cond, self.val_guidance,
+                      generator=step_generators(idx, self.val_seed))
         self.quality.update(cached.clamp(-1, 1), full.clamp(-1, 1))
         if batch_idx == 0:
             self._val_grid = (cached[:8].detach().cpu(), full[:8].detach().cpu())

@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..policies.search.plot import schedule_heatmap
+from ..search.plot import schedule_heatmap
 from ..utils.build import build_backbone, build_solver
 
 log = logging.getLogger(__name__)

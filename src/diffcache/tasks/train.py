@@ -166,12 +166,10 @@ def train(cfg: DictConfig) -> dict:
 def _compare(cfg, backbone, solver, router_path: Path, out: Path, train_s: float | None = None) -> None:
     if not cfg.get("compare"):
         return
-    from .compare import compare, write_table
+    from .compare import compare, report
 
-    rows = compare(cfg, backbone, solver, router_path, out, None if train_s is None else {"train_s": round(train_s, 2)})
-    print(f"\n{write_table(rows, out / 'comparison')}\nsaved: {out / 'comparison.md'} (.csv, .json), "
-          f"samples {out / 'comparison_samples.png'}, router {router_path}, heatmaps {out / 'router_heatmaps'}, "
-          f"validation grids {out / 'val_samples'}")
+    compare(cfg, backbone, solver, router_path, out, None if train_s is None else {"train_s": round(train_s, 2)})
+    print(report(out))
 
 
 def _length_report(trainer, module) -> dict:

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from ...backbones.base import SiteLayout
-from ..base import CachePolicy, StepContext
+from ...context import StepContext
+from ..base import CachePolicy
 from . import checkpoint as ckpt
 from . import provenance, report
 from .budget import budget_masks, site_costs

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ...backbones.base import SiteLayout
-from ..base import CachePolicy, StepContext
+from ...context import StepContext
+from ..base import CachePolicy
 from .plan import _PARAM_NAMES, ToCaParams, ToCaSchedule, plan, preset_params
 from .scores import _scatter_, entropy_score, select_tokens, spatial_bonus
 
