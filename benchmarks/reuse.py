@@ -20,7 +20,7 @@ import time
 import torch
 
 from diffcache.metrics.cost import forward_cost
-from diffcache.policies.base import StepContext
+from diffcache.context import StepContext
 from diffcache.policies.fora import FORAPolicy
 
 from .common import markdown_table

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import perturbed
 
-from diffcache.policies.base import StepContext
+from diffcache.context import StepContext
 from diffcache.policies.fora import FORAPolicy
 from diffcache.policies.l2c import L2CPolicy
 from diffcache.sampling import compile_backbone, sample

@@ -20,7 +20,7 @@ from tiny_models import perturbed
 
 from diffcache.backbones import load_backbone
 from diffcache.denoiser import Denoiser
-from diffcache.policies.base import run_with
+from diffcache.context import run_with
 from diffcache.policies.fora import FORAPolicy
 from diffcache.policies.l2c import L2CPolicy
 from diffcache.policies.toca import ToCaPolicy
