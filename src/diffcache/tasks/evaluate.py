@@ -20,7 +20,7 @@ from ..data.seeded import seeded_inputs, step_generators
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
 from ..modules.sampler import set_hash
-from ..sampling import sample
+from ..sampling import compile_backbone, sample
 from ..utils.build import build_backbone, build_loggers, build_policy, build_solver
 from ..utils.console import setup_console
 from .eval_io import Conditioning, decode, save_grid
@@ -94,6 +94,8 @@ def evaluate(cfg: DictConfig) -> dict:
     device = _device(str(cfg.eval.device))
     backbone = build_backbone(cfg.backbone).to(device).eval()
     solver = build_solver(cfg.solver)
+    if cfg.eval.get("compile"):  # static schedules: one graph per distinct caching decision (+ the uncached one)
+        compile_backbone(backbone, str(cfg.eval.compile), max_graphs=solver.num_evals + 2)
     router = cfg.get("router_ckpt")
     policy = build_policy(cfg.policy, router_ckpt=router).to(device)
     if hasattr(policy, "load_official") and not router:
