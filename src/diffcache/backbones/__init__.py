@@ -1,12 +1,19 @@
-"""Backbone registry: ``load_backbone("DiT-XL/2", ckpt=...)`` builds a variant by name and loads its weights."""
+"""Backbone registry: ``load_backbone("DiT-XL/2", ckpt=...)`` builds a variant by name and loads its weights;
+:func:`from_config` does the same for a ``backbone`` config node."""
 from __future__ import annotations
 
 from typing import Callable
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from .base import CachedBackbone, count_parameters
 from .weights import WHERE_TO_GET, CheckpointError, load_checkpoint
 
 REGISTRY: dict[str, Callable[..., CachedBackbone]] = {}
+# keys of a backbone config node that are settings of the run, not constructor arguments
+RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "vae", "vae_scale",
+            "clip_denoised")
 
 
 def register(name: str):
@@ -82,14 +89,37 @@ def check_weights_given(arch: str | None, ckpt: str | None, random_init: bool) -
         "For speed benchmarks only, backbone.random_init=true runs it with random weights.")
 
 
-def load_backbone(arch: str, ckpt: str | None = None, random_init: bool = False, **overrides) -> CachedBackbone:
-    """Build ``arch`` and load ``ckpt``; the result is in eval mode (every consumer treats it as a frozen teacher)."""
+def load_backbone(arch: str, ckpt: str | None = None, random_init: bool = False, clip_denoised: bool | None = None,
+                  **overrides) -> CachedBackbone:
+    """The one teacher loader: build ``arch``, load ``ckpt`` strictly, eval mode (a frozen teacher).
+
+    ``clip_denoised`` None keeps the variant's sampling convention (the pixel-space MNIST variants clip x0).
+    """
     check_weights_given(arch, ckpt, random_init)
-    model = build_backbone(arch, **overrides)
+    return _ready(build_backbone(arch, **overrides), ckpt, clip_denoised)
+
+
+def from_config(cfg) -> CachedBackbone:
+    """:func:`load_backbone` for a ``backbone`` config node: ``_target_`` (``build_backbone`` with ``arch``, or
+    a user's :class:`CachedBackbone` subclass) is instantiated; the :data:`RUN_KEYS` are not constructor
+    arguments but settings of the run (weights, guidance, noise schedule, x0 clipping)."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    run = {k: c.pop(k) for k in RUN_KEYS if k in c}
+    if "_target_" not in c:
+        raise ValueError("the backbone config needs _target_ (e.g. diffcache.backbones.build_backbone with arch=, "
+                         "or your own CachedBackbone subclass)")
+    check_weights_given(c.get("arch"), run.get("ckpt"), bool(run.get("random_init", False)))
+    return _ready(instantiate(c, **(run.get("overrides") or {})), run.get("ckpt"), run.get("clip_denoised"))
+
+
+def _ready(model: CachedBackbone, ckpt: str | None, clip_denoised: bool | None) -> CachedBackbone:
     if ckpt:
         load_checkpoint(model, ckpt)
+    if clip_denoised is not None:
+        model.clip_denoised = bool(clip_denoised)
     return model.eval()
 
 
-__all__ = ["CachedBackbone", "CheckpointError", "REGISTRY", "available", "build_backbone", "check_weights_given",
-           "count_parameters", "family_class", "from_mapping", "load_backbone", "load_checkpoint", "register"]
+__all__ = ["RUN_KEYS", "CachedBackbone", "CheckpointError", "REGISTRY", "available", "build_backbone",
+           "check_weights_given", "count_parameters", "family_class", "from_config", "from_mapping", "load_backbone",
+           "load_checkpoint", "register"]

@@ -35,6 +35,7 @@ from ..policies.fora import FORAPolicy
 from ..policies.l2c import L2CPolicy
 from ..policies.toca import ToCaPolicy
 from ..sampling import sample
+from ..search import ScheduleSearch
 from ..utils.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,6 @@ def search_rows(cfg, solver, full: str) -> list[dict]:
     """Searched schedules (:class:`~diffcache.search.ScheduleSearch`), one row per (method, budget);
     the error table is measured once, when the first row not in the cache needs it."""
     import time
-
-    from ..search import ScheduleSearch
 
     s = cfg.compare.get("search") or {}
     budgets, methods = list(s.get("budgets") or []), list(s.get("methods") or ["greedy", "dp"])
