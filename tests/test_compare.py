@@ -9,7 +9,8 @@ import torch
 from hydra_utils import compose_cfg, run_cli
 
 from diffcache.tasks.compare import run
-from diffcache.utils.build import build_backbone, build_policy, build_solver
+from diffcache.backbones import from_config
+from diffcache.utils.build import build_policy, build_solver
 from diffcache.utils.record import load_rows
 
 BASE = ["experiment=none", "backbone=tiny_dit", "backbone.overrides={in_channels:1}", "solver=ddim20",
@@ -21,7 +22,7 @@ def _teacher_and_router(tmp_path):
     """A teacher checkpoint (a tiny pixel DiT off its zero init) and an L2C router file with N(0, 1) logits."""
     cfg = compose_cfg("compare_task", BASE, tmp_path / "setup")
     torch.manual_seed(0)
-    bb = build_backbone(cfg.backbone)
+    bb = from_config(cfg.backbone)
     with torch.no_grad():
         for p in bb.parameters():
             p.add_(0.05 * torch.randn_like(p))

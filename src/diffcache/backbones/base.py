@@ -130,7 +130,7 @@ class CachedBackbone(nn.Module):
     toca_preset: str | None = None        # ToCa preset that policy=toca picks for this family
     text_conditioned: bool = False        # cond is {"y": text embeddings, "mask"} rather than class labels
     clip_denoised: bool = False           # clip the x0 prediction to [-1, 1] (ADM's pixel-space sampling);
-                                          # set per run by the backbone node's clip_denoised key
+                                          # set by the variant's table entry (pixel-space MNIST teachers)
     checkpoint_name: str = "backbone"
     checkpoint_suffix: str = ".pt"       # official weight files: DiT .pt, U-ViT nnet .pth
     checkpoint_keys: tuple[str, ...] = ("state_dict",)  # wrappers an official file may put the weights under
@@ -255,10 +255,16 @@ class CachedBackbone(nn.Module):
 
 
 def make_variants(cls, configs: dict[str, dict[str, Any]], aliases: dict[str, str] | None = None) -> dict[str, Callable]:
-    """``{name: factory}`` for a family's size table; a factory's keyword overrides win over the table."""
+    """``{name: factory}`` for a family's size table; a factory's keyword overrides win over the table.
+
+    A table entry may set the variant's sampling convention ``clip_denoised`` (not a constructor argument)."""
     def factory(name: str):
         def build(**overrides):
-            return cls(**{**configs[name], **overrides})
+            kwargs = {**configs[name], **overrides}
+            clip = bool(kwargs.pop("clip_denoised", False))
+            model = cls(**kwargs)
+            model.clip_denoised = clip
+            return model
 
         build.__name__ = f"{cls.__name__.lower()}_" + name.replace("/", "_").replace("-", "_")
         build.__doc__ = f"{name}: {configs[name]}"

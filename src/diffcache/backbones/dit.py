@@ -256,7 +256,7 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 _CONFIGS["tiny_dit"] = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 # the offline demo teacher (assets/mnist_dit.pt): 32x32 grey pixels, patch 4 -> 64 tokens, learned sigma
 _CONFIGS["mnist_dit"] = dict(input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
-                             num_classes=10, learn_sigma=True)
+                             num_classes=10, learn_sigma=True, clip_denoised=True)
 
 
 VARIANTS: dict[str, Callable[..., DiT]] = make_variants(DiT, _CONFIGS)

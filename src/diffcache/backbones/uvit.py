@@ -244,7 +244,8 @@ _CONFIGS: dict[str, dict[str, Any]] = {
                       mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=11, conv=True),
     # the offline demo teacher (assets/mnist_uvit.pth): 32x32 grey pixels, patch 4; 10 classes + null class 10
     "mnist_uvit": dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4,
-                       mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=11, conv=True),
+                       mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=11, conv=True,
+                       clip_denoised=True),
 }
 _ALIASES = {"U-ViT-H/2-512": "U-ViT-H/4", "U-ViT-L/2-512": "U-ViT-L/4"}
 

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..backbones import build_backbone, from_mapping
 from ..backbones.base import SiteLayout
 
 CONVENTIONS = ("l2c", "toca")
@@ -74,8 +75,6 @@ class BackboneSpec:
 def _instance(backbone: Any):
     """A backbone from a variant name or a mapping of constructor arguments (on the meta device)."""
     import torch
-
-    from ..backbones import build_backbone, from_mapping
 
     with torch.device("meta"):
         return build_backbone(backbone) if isinstance(backbone, str) else from_mapping(backbone)

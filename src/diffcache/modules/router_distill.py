@@ -35,6 +35,7 @@ import lightning as L
 import torch
 
 from ..denoiser import Denoiser
+from ..policies.l2c import provenance
 from ..sampling import advance
 from .convergence import DRAWS, RouterConvergence, logit_distance
 from .distill_steps import cached_step_scales, step_mse, stratified_picks, trajectory_terms
@@ -138,7 +139,6 @@ class RouterDistill(QualityValidation, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming: refuse a checkpoint made with another solver, interval or backbone (provenance)."""
-        from ..policies.l2c import provenance
 
         meta = checkpoint.get("diffcache")
         provenance.check(provenance.file_record("lightning", lightning=meta) if meta else None,

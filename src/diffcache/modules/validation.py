@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..data.seeded import seeded_inputs, step_generators
+from ..metrics.cost import policy_cost
 from ..sampling import sample
 
 
@@ -56,7 +57,6 @@ class QualityValidation:
     def on_validation_epoch_end(self) -> None:
         if self.quality is None:
             return
-        from ..metrics.cost import policy_cost
 
         out = {f"val/{k}": v for k, v in self.quality.compute().items()}
         cost = policy_cost(self.backbone, self.solver, self.policy)

@@ -27,10 +27,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ..backbones import from_config
 from ..data.seeded import seeded_inputs, step_generators
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
 from ..sampling import sample
+from ..utils.build import build_solver
+from ..utils.console import setup_console
 from ..utils.hashing import file_sha256
 from ..utils.record import Row, caption, provenance, save_rows, teacher_label, write_table
 from .methods import Context, candidates, mark_equal_compute
@@ -201,8 +204,6 @@ def report(out_dir) -> str:
 
 def run(cfg) -> list[Row]:
     """``compare.py``: build the teacher and sampler, compare, print the table (see the module docstring)."""
-    from ..utils.build import build_backbone, build_solver
-    from ..utils.console import setup_console
 
     setup_console()
     if not cfg.get("compare"):
@@ -213,7 +214,7 @@ def run(cfg) -> list[Row]:
                                 f"pass router_ckpt=null to compare the baselines alone")
     name = str(cfg.get("device") or "auto")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
-    backbone = build_backbone(cfg.backbone).to(device).eval()
+    backbone = from_config(cfg.backbone).to(device).eval()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = compare(cfg, backbone, build_solver(cfg.solver), router, out)

@@ -21,6 +21,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ..modules.convergence import recipe_reach
+
 log = logging.getLogger(__name__)
 
 
@@ -92,7 +94,6 @@ def check_policy_trains(policy) -> None:
 def check_recipe_reach(cfg: DictConfig) -> None:
     """A router recipe whose ``lr x updates per router`` cannot move a logit past theta: refused when the recipe
     states ``module.updates_per_router``, a loud warning when ``trainer.max_steps`` caps it (a smoke run)."""
-    from ..modules.convergence import recipe_reach
 
     try:
         problem, stated = recipe_reach(cfg)

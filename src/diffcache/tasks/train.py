@@ -20,8 +20,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..utils.build import build_backbone, build_callbacks, build_loggers, build_policy, build_solver
+from ..backbones import from_config
+from ..metrics.cost import policy_cost
+from ..modules.convergence import RouterConvergence
+from ..policies.l2c.checkpoint import load_official
+from ..utils.build import build_callbacks, build_loggers, build_policy, build_solver
 from ..utils.console import StepProgressBar, model_summary_line, setup_console
+from ..utils.hashing import file_sha256
+from .compare import compare, report
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,6 @@ class LastCompletedStep(L.Callback):
 
 def check_resume(path, policy) -> None:
     """``ckpt_path`` exists, is a router-training checkpoint and fits this policy (clear errors, before fit)."""
-    from ..policies.l2c.checkpoint import load_official
 
     off = load_official(path)
     if off.fmt != "lightning":
@@ -68,7 +73,6 @@ def router_cache_dir(cfg) -> Path | None:
     """Where this run's router is kept for reuse: keyed by the teacher's weights (sha256) and every setting
     that shapes the router (not paths, loggers, callbacks, metrics or the comparison); None when the
     teacher is random weights, a resume is asked for, or ``router_cache`` is null."""
-    from ..utils.hashing import file_sha256
 
     root, ckpt = cfg.get("router_cache"), cfg.backbone.get("ckpt")
     if not root or not ckpt or not Path(ckpt).is_file() or cfg.get("ckpt_path"):
@@ -98,7 +102,7 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = build_backbone(cfg.backbone)
+    backbone = from_config(cfg.backbone)
     solver = build_solver(cfg.solver)
     policy = build_policy(cfg.policy)
     if not hasattr(policy, "sum_beta"):
@@ -164,7 +168,6 @@ def train(cfg: DictConfig) -> dict:
 def _compare(cfg, backbone, solver, router_path: Path, out: Path, train_s: float | None = None) -> None:
     if not cfg.get("compare"):
         return
-    from .compare import compare, report
 
     compare(cfg, backbone, solver, router_path, out, None if train_s is None else {"train_s": round(train_s, 2)})
     print(report(out))
@@ -172,7 +175,6 @@ def _compare(cfg, backbone, solver, router_path: Path, out: Path, train_s: float
 
 def _length_report(trainer, module) -> dict:
     """Updates per router (least / most trained) and why training stopped, logged and kept in the summary."""
-    from ..modules.convergence import RouterConvergence
 
     cb = next((c for c in trainer.callbacks if isinstance(c, RouterConvergence)), None)
     if cb is None:
@@ -186,7 +188,6 @@ def _length_report(trainer, module) -> dict:
 
 def _macs(backbone, solver, policy) -> dict:
     """Whole-sampler MACs of the trained router at its theta, as evaluate.py names them."""
-    from ..metrics.cost import policy_cost
 
     cost = policy_cost(backbone, solver, policy)
     return {"macs_fraction": float(cost["macs_ratio"]), "speedup_macs": float(cost["speedup_macs"])}
