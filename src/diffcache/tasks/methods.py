@@ -19,9 +19,9 @@ from ..metrics.cost import policy_cost
 from ..policies.fora import FORAPolicy
 from ..policies.l2c import L2CPolicy
 from ..policies.toca import ToCaPolicy
+from ..search import ScheduleSearch
 from ..utils.hashing import file_sha256
 from ..utils.record import Row
-from ..search import ScheduleSearch
 
 
 @dataclass
