@@ -34,6 +34,7 @@ from ..metrics.latency import measure
 from ..sampling import sample
 from ..utils.build import build_solver
 from ..utils.console import setup_console
+from ..utils.grids import class_labels, labelled_grid
 from ..utils.hashing import file_sha256
 from ..utils.record import Row, caption, provenance, save_rows, teacher_label, write_table
 from .methods import Context, candidates, mark_equal_compute
@@ -167,7 +168,6 @@ def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = 
 
 
 def _grid(rows: list[Row], grid: list[torch.Tensor], backbone, seed: int, path: Path, text: str) -> None:
-    from ..utils.grids import class_labels, labelled_grid
 
     _, cond = seeded_inputs(backbone, range(grid[0].shape[0]), seed)
     labels = []

@@ -25,6 +25,7 @@ from ..sampling import compile_backbone, sample
 from ..utils.build import build_loggers, build_policy, build_solver
 from ..utils.console import setup_console
 from ..utils.hashing import file_sha256
+from ..utils.record import QUALITY, Row, caption, provenance, save_rows, teacher_label, write_table
 from .eval_io import Conditioning, decode, save_grid
 
 def _device(name: str) -> torch.device:
@@ -150,7 +151,6 @@ def _report(cfg, solver, policy, result: dict, cost: dict, out: Path) -> str:
     ``evaluation.{md,csv}``; returns the short summary the console shows (the JSON stays in ``summary.json``)."""
     from omegaconf import OmegaConf
 
-    from ..utils.record import QUALITY, Row, caption, provenance, save_rows, teacher_label, write_table
 
     params = {k: v for k, v in (OmegaConf.to_container(cfg.policy, resolve=True) or {}).items()
               if not k.startswith("_") and isinstance(v, (int, float, str)) and not isinstance(v, bool)}
