@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..utils.build import build_backbone, build_callbacks, build_loggers, build_policy, build_solver
+from ..utils.inputs import check_router_fits
 from ..utils.console import StepProgressBar, model_summary_line, setup_console
 
 log = logging.getLogger(__name__)
@@ -43,19 +44,6 @@ class LastCompletedStep(L.Callback):
                     p.copy_(t)
             policy.clamp_()
         return self.step
-
-
-def check_resume(path, policy) -> None:
-    """``ckpt_path`` exists, is a router-training checkpoint and fits this policy (clear errors, before fit)."""
-    from ..policies.l2c.checkpoint import load_official
-
-    off = load_official(path)
-    if off.fmt != "lightning":
-        raise ValueError(f"ckpt_path={path} is a router file, not a Lightning checkpoint of train.py; resume from "
-                         f"<run>/checkpoints/last.ckpt (or evaluate the router with router_ckpt=)")
-    if (off.num_routers, off.num_sites) != (policy.num_routers, policy.num_sites):
-        raise ValueError(f"ckpt_path={path} holds {off.num_routers} routers of {off.num_sites} sites, this run "
-                         f"{policy.num_routers} of {policy.num_sites}: it was trained with another backbone or solver")
 
 
 # trainer settings that do not change the trained router (the router cache ignores them)
@@ -118,8 +106,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data, **val).bind(backbone)
     module = instantiate(cfg.module)(backbone, solver, policy, quality=quality,
                                      val_guidance=metrics.guidance if metrics else None)
-    if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, policy)
+    if cfg.get("ckpt_path"):  # the preflight checked it already when train.py runs; train(cfg) may be called directly
+        check_router_fits(cfg, cfg.ckpt_path, "ckpt_path")
     last = LastCompletedStep()
     callbacks = [*build_callbacks(cfg.get("callbacks")), last]
     if cfg.trainer.get("enable_progress_bar", True):
