@@ -1,4 +1,6 @@
 """Train a cache router: ``python train.py backbone=uvit solver=dpm20 policy=l2c``."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -11,7 +13,8 @@ def main(cfg: DictConfig) -> None:
     from diffcache.utils.cli import user_errors
 
     with user_errors():
-        train(cfg)
+        if train(cfg).get("interrupted"):
+            sys.exit(130)  # Ctrl-C: checkpoint and partial router saved, the resume command printed
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = 
     cache = RowCache(cfg, backbone)
     cands = candidates(cfg, backbone, solver, router_path, guidance)
     rows, grid, teacher, reused = [], [], None, 0
-    for cand in cands:
+    for k, cand in enumerate(cands, 1):
         s, policy, extra = cand["solver"], cand.get("policy"), dict(trained or {}) if cand["kind"] in ("l2c", "budget") else {}
         hit = cache.get(cand["key"])
         if hit is not None:
@@ -196,6 +196,7 @@ def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = 
             grid.append(shown)
             reused += 1
             continue
+        log.info("comparing %d/%d: %s (%d samples)", k, len(cands), cand["method"], n)
         if teacher is None and cand is not cands[0]:  # the full row came from the cache: its samples did not
             teacher, _ = _samples(backbone, cands[0]["solver"], None, n, bs, guidance, seed, device)
         if "make" in cand:
