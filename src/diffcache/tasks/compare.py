@@ -135,10 +135,11 @@ def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = 
     cache, prov, teacher_name = RowCache(cfg, backbone), provenance(), teacher_label(cfg.backbone)
     cands = candidates(ctx)
     rows, grid, teacher, reused = [], [], None, 0
-    for cand in cands:
+    for k, cand in enumerate(cands, 1):
         key = cand.row.identity() + cand.cache_key
         hit = cache.get(key)
         if hit is None:
+            log.info("comparing %d/%d: %s (%d samples)", k, len(cands), cand.row.label(), int(c.num_samples))
             if teacher is None and cand is not cands[0]:  # the full row came from the cache: its samples did not
                 teacher, _ = _samples(backbone, cands[0].solver, None, int(c.num_samples), int(c.batch_size),
                                       ctx.guidance, int(c.seed), next(backbone.parameters()).device)
