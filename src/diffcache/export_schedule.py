@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
+from .backbones import meta_backbone
 from .policies import static_schedule as ss
 from .policies.fora import FORAPolicy
 from .policies.l2c import L2CPolicy
-from .utils.inputs import meta_backbone
 from .utils.resolvers import conf_dir
 
 

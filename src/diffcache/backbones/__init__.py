@@ -127,6 +127,15 @@ def from_config(cfg) -> CachedBackbone:
     return _ready(instantiate(c, **(run.get("overrides") or {})), run.get("ckpt"), run.get("clip_denoised")).to(dt)
 
 
+def meta_backbone(cfg) -> CachedBackbone:
+    """The backbone of a config node on the meta device: its layout and conventions, no weights, no memory
+    (the preflight's router-shape checks)."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    run = {k: c.pop(k) for k in RUN_KEYS if k in c}
+    with torch.device("meta"):
+        return instantiate(c, **(run.get("overrides") or {}))
+
+
 def _ready(model: CachedBackbone, ckpt: str | None, clip_denoised: bool | None) -> CachedBackbone:
     if ckpt:
         load_checkpoint(model, ckpt)
@@ -137,4 +146,4 @@ def _ready(model: CachedBackbone, ckpt: str | None, clip_denoised: bool | None) 
 
 __all__ = ["RUN_KEYS", "CachedBackbone", "CheckpointError", "REGISTRY", "available", "build_backbone",
            "check_weights_given", "count_parameters", "family_class", "from_config", "from_mapping", "load_backbone",
-           "load_checkpoint", "model_dtype", "register"]
+           "load_checkpoint", "meta_backbone", "model_dtype", "register"]

@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ..modules.convergence import recipe_reach
+from .inputs import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,6 @@ def _run(cfg: DictConfig, run_dir_key: str) -> None:
             resume_in_place(cfg)
         check(cfg, run_dir_key)
         if run_dir_key == "hydra.run.dir":  # a sweep checks values per job: a bad one fails alone, in the table
-            from .inputs import check_inputs
-
             check_inputs(cfg)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         if os.environ.get("DIFFCACHE_DEBUG"):

@@ -30,8 +30,8 @@ from ..modules.convergence import RouterConvergence, updates_per_iteration
 from ..utils.build import build_callbacks, build_loggers, build_policy, build_solver
 from ..utils.console import model_summary_line, setup_console
 from ..utils.hashing import file_sha256
-from ..utils.inputs import check_router_fits
 from .compare import compare, report
+from .inputs import check_router_fits
 
 log = logging.getLogger(__name__)
 
