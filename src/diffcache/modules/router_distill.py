@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import lightning as L
 import torch
