@@ -133,3 +133,12 @@ def test_functions_and_files_are_short():
     assert not long_files, long_files
     assert set(long_functions) <= LONG, long_functions
 
+
+
+def test_models_and_solvers_name_no_policy():
+    """Backbones expose shapes and solvers step; neither knows which cache policy runs."""
+    hits = [f"{p.relative_to(SRC)}:{i}: {line.strip()}"
+            for sub in ("backbones", "solvers") for p in sorted((SRC / sub).rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if any(s in line.lower() for s in ('"l2c"', "'l2c'", '"toca"', "'toca'", '"fora"', "'fora'"))]
+    assert not hits, "\n".join(hits)

@@ -81,6 +81,22 @@ def residual(x: torch.Tensor, gate: torch.Tensor | None, out: torch.Tensor) -> t
 
 
 @dataclass(frozen=True)
+class Linear:
+    """A linear map outside the cache sites: ``rows`` vectors of ``fan_in`` -> ``fan_out`` features per sample.
+
+    ``silu``: a SiLU on its input first (adaLN modulation), which counters that count activations include."""
+
+    rows: int
+    fan_in: int
+    fan_out: int
+    silu: bool = False
+
+    @property
+    def macs(self) -> int:
+        return self.rows * self.fan_in * self.fan_out
+
+
+@dataclass(frozen=True)
 class SiteLayout:
     """The cache-site layout every policy and the cost counter read (one object, one source).
 
@@ -203,13 +219,11 @@ class CachedBackbone(nn.Module):
         """Every ``(layer, kind)`` a forward visits, in execution order."""
         return self.layout.sites()
 
-    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
-        """Per sample, the parts no cache saves: (outside the blocks, [per layer]) in MACs ("l2c", linear
-        layers only) or FLOPs ("toca", per-layer LayerNorms; ToCa's counter excludes embedders). The
-        formulas are in :mod:`diffcache.metrics.cost`; families add their own terms (adaLN, skips)."""
-        T, C = self.num_tokens + int(self.num_prefix_tokens or 0), int(self.hidden_size)
-        per_layer = 0.0 if convention == "l2c" else 2.0 * T * C  # the LayerNorms
-        return 0.0, [per_layer] * int(self.depth)
+    def fixed_linears(self) -> tuple[list[Linear], list[list[Linear]]]:
+        """The linear maps no cache saves, per sample: (outside the blocks, [per layer]); shapes only; the
+        cost counter (:mod:`diffcache.metrics.cost`) applies each convention. Families list their own
+        (embedders, adaLN, skip linears, final layers)."""
+        return [], [[] for _ in range(int(self.depth))]
 
     @property
     def token_grid(self) -> tuple[int, int]:

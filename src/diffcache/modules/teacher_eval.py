@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..backbones import load_backbone, load_checkpoint
+from ..backbones import load_backbone
 from ..data.mnist import load_mnist
 from ..data.seeded import seeded_noise, step_generators
 from ..metrics.generative import to_uint8
 from ..metrics.mnist import build_mnist_metrics
 from ..sampling import sample
 from .diffusion_loss import GaussianDiffusionLoss
-from .teacher_pretrain import CONF, grid_solver, official_file_name
+from .teacher_pretrain import CONF, grid_solver
 
 
 @torch.no_grad()
@@ -41,9 +41,8 @@ def load_teacher(name: str, assets: str | Path):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
-    backbone = load_backbone(cfg.arch, random_init=True)
-    load_checkpoint(backbone, str(Path(assets) / official_file_name(backbone, name)))
-    return backbone, cfg
+    ckpt = Path(assets) / Path(OmegaConf.to_container(cfg)["ckpt"]).name  # the config's file, in ``assets``
+    return load_backbone(cfg.arch, ckpt=str(ckpt)), cfg
 
 
 def evaluate_teacher(name: str, assets: str | Path, n_per_class: int = 100, guidance: float | None = None,
