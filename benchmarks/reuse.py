@@ -20,7 +20,7 @@ import time
 import torch
 
 from diffcache.metrics.cost import forward_cost
-from diffcache.policies.base import StepContext
+from diffcache.context import StepContext
 from diffcache.policies.fora import FORAPolicy
 
 from .common import markdown_table
@@ -124,11 +124,13 @@ def reuse_row(model, batch: int, dtype: torch.dtype, repeats: int = 5) -> dict:
     return row
 
 
-def run(arch: str = "DiT-S/2", batch: int = 8, dtypes=(torch.float32, torch.bfloat16), repeats: int = 5) -> list[dict]:
+def run(arch: str = "DiT-S/2", batch: int = 8, repeats: dict | None = None) -> list[dict]:
+    """One row per dtype in ``repeats`` ({dtype: timing rounds}; default fp32 5, bf16 1)."""
     from .speed import load_model
 
     model = load_model(arch)
-    return [reuse_row(model, batch, dt, repeats) for dt in dtypes]
+    repeats = repeats or {torch.float32: 5, torch.bfloat16: 1}
+    return [reuse_row(model, batch, dt, n) for dt, n in repeats.items()]
 
 
 COLUMNS = [("model", "arch"), ("dtype", "dtype"), ("batch (x2 CFG)", "batch"), ("full ms", "full_ms"),

@@ -8,10 +8,11 @@ import math
 import torch
 from hydra_utils import compose_cfg, run_cli
 
+from diffcache.backbones import from_config
 from diffcache.policies.fora import FORAPolicy
 from diffcache.tasks.compare import run
 from diffcache.tasks.methods import METHODS, Method
-from diffcache.utils.build import build_backbone, build_policy, build_solver
+from diffcache.utils.build import build_policy, build_solver
 from diffcache.utils.record import load_rows
 
 BASE = ["experiment=none", "backbone=tiny_dit", "backbone.overrides={in_channels:1}", "solver=ddim20",
@@ -23,7 +24,7 @@ def _teacher_and_router(tmp_path):
     """A teacher checkpoint (a tiny pixel DiT off its zero init) and an L2C router file with N(0, 1) logits."""
     cfg = compose_cfg("compare_task", BASE, tmp_path / "setup")
     torch.manual_seed(0)
-    bb = build_backbone(cfg.backbone)
+    bb = from_config(cfg.backbone)
     with torch.no_grad():
         for p in bb.parameters():
             p.add_(0.05 * torch.randn_like(p))

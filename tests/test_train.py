@@ -122,6 +122,15 @@ def test_train_bf16_autocast(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["global_step"] == 2
 
 
+def test_train_bf16_backbone(tmp_path):
+    """backbone.dtype=bf16: the teacher held in bf16 weights, float32 routers and loss, finite steps."""
+    cfg = compose_cfg("train", ["trainer=cpu", "backbone.dtype=bf16", "trainer.max_steps=2", "data.batch_size=2",
+                                "callbacks=none", *FAST], tmp_path)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert json.loads((tmp_path / "summary.json").read_text())["global_step"] == 2
+
+
 def test_submitit_local_sweep_runs_real_jobs_and_gathers_table(tmp_path):
     """hydra/launcher=local (hydra-submitit-launcher's submitit_local): two real jobs as separate processes,
     gathered into one table (the same path a SLURM sweep takes, hydra/launcher=slurm). Without a comparison

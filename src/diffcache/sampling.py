@@ -38,3 +38,19 @@ batch, or one per sample (:func:`~diffcache.data.seeded.step_generators`: batch-
     with run_with(policy, backbone, solver):
         state = advance(den, solver, solver.init(noise), cond, generator=generator, progress=progress, desc=desc)
     return solver.final(state)
+
+
+def compile_backbone(backbone, backend: str = "inductor", max_graphs: int = 64):
+    """Compile the whole backbone forward for static schedules (``eval.compile=<backend>``).
+
+    FORA, L2C and searched schedules decide every site before an evaluation starts (``policy.decision``) and
+    the site reads nothing else, so dynamo specialises the forward on that decision: one graph per distinct
+    caching decision (plus one uncached), reused by every later evaluation and run that makes the same
+    decision. ``max_graphs`` bounds the graphs kept (dynamo's recompile limit); past it dynamo runs eagerly.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(int(torch._dynamo.config.recompile_limit), int(max_graphs))
+    backbone.compile(backend=backend, dynamic=False)
+    return backbone
+

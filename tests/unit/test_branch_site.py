@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tiny_models import bound_for_test, perturbed
 
 from diffcache.backbones.base import Branch
-from diffcache.policies.base import StepContext
+from diffcache.context import StepContext
 from diffcache.policies.fora import FORAPolicy
 from diffcache.policies.toca import ToCaPolicy
 from diffcache.solvers import make_solver

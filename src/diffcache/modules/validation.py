@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from ..data.seeded import seeded_inputs, step_generators
+from ..metrics.cost import policy_cost
 from ..sampling import sample
+from ..utils.grids import class_labels, labelled_grid
 
 
 class QualityValidation:
@@ -56,7 +58,6 @@ class QualityValidation:
     def on_validation_epoch_end(self) -> None:
         if self.quality is None:
             return
-        from ..metrics.cost import policy_cost
 
         out = {f"val/{k}": v for k, v in self.quality.compute().items()}
         cost = policy_cost(self.backbone, self.solver, self.policy)
@@ -71,7 +72,6 @@ class QualityValidation:
     def _save_grid(self, cached: torch.Tensor, full: torch.Tensor, cond, logged: dict) -> None:
         """``val_samples/step_*.png``: the router's row (its MACs and PSNR to the teacher) over the teacher's row,
         the same noise and class in each column."""
-        from ..utils.grids import class_labels, labelled_grid
 
         step = self.trainer.global_step
         path = Path(self.trainer.default_root_dir) / "val_samples" / f"step_{step:06d}.png"

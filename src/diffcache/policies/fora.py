@@ -43,6 +43,7 @@ class FORAPolicy(CachePolicy):
         self.geometry = None  # (depth, site_kinds), from the layout a run (or compute_mask) prepares
         self._cache: dict[tuple[str, int, str], torch.Tensor] = {}
         self._plans: dict[int, list[bool]] = {}
+        self.decision: bool | None = None  # this evaluation computes (and stores) every branch
 
     def prepare(self, layout, solver=None) -> None:
         self.geometry = (int(layout.depth), tuple(layout.site_kinds))
@@ -55,11 +56,21 @@ class FORAPolicy(CachePolicy):
 
     def reset(self) -> None:
         self._cache.clear()
+        self.decision = None
+
+    def begin(self, ctx) -> None:
+        super().begin(ctx)
+        # the evaluation's one static choice (the site reads nothing else): a compiled forward has two graphs
+        self.decision = bool(self.full(ctx.num_evals)[ctx.nfe])
+        if self.geometry is not None and (ctx.branch, 0, self.geometry[1][0]) not in self._cache:
+            # every key present from the start (None until stored): the cache's shape never changes in a run
+            depth, kinds = self.geometry
+            self._cache.update({(ctx.branch, layer, kind): None for layer in range(depth) for kind in kinds})
 
     def apply(self, layer: int, kind: str, branch) -> torch.Tensor:
         ctx = self.ctx
         key = (ctx.branch, layer, kind)
-        if self.full(ctx.num_evals)[ctx.nfe]:
+        if self.decision:
             out = branch()
             self._cache[key] = out
             return out

@@ -16,6 +16,8 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .hashing import file_sha256
+
 RESULTS = "results.json"  # every task's rows, in a run directory
 # quality metrics: (key, column header, higher is better); PSNR / MSE are to the full sampler on the same noise
 QUALITY = [("mnist_fid", "MNIST-FID", False), ("mnist_is", "MNIST-IS", True), ("fid", "FID", False),
@@ -193,7 +195,6 @@ def caption(what: str, teacher: str, num_samples: int, seed: int, prov: dict) ->
 
 def teacher_label(backbone_cfg) -> str:
     """``arch (file, sha256 prefix)`` of a backbone config's checkpoint, or ``arch (random weights)``."""
-    from .hashing import file_sha256
 
     ckpt = backbone_cfg.get("ckpt")
     name = str(backbone_cfg.get("arch") or backbone_cfg.get("_target_", "backbone")).rsplit(".", 1)[-1]

@@ -157,26 +157,25 @@ class ToCaPolicy(CachePolicy):
         p, module = self.params, branch.module
         key = (ctx.branch, layer, kind)
         scored = self._needs_scores(sched)
+        cols = None
         if scored and p.score == "attn" and kind == "attn" and hasattr(module, "forward_with_column_scores"):
             out, cols = module.forward_with_column_scores(h, p.column_chunk)  # one qkv projection for both
-            self._score[(ctx.branch, layer)] = F.normalize(cols[:, P:], p=2, dim=1)
         else:
             out = branch.run(h)
+            if scored and p.score == "attn" and kind == "attn" and hasattr(module, "column_scores"):
+                with torch.no_grad():
+                    cols = module.column_scores(h, p.column_chunk)
+        if cols is not None:
+            self._score[(ctx.branch, layer)] = F.normalize(cols[:, P:], p=2, dim=1)
+        elif scored and p.score == "xattn" and kind == "xattn" and hasattr(module, "entropy"):
+            with torch.no_grad():
+                self._score[(ctx.branch, layer)] = module.entropy(h, *branch.args)[:, P:]
         # a private copy: later partial steps scatter into it in place, and ``out`` goes on into the block
         self._cache[key] = out.clone() if kind in p.partial_kinds else out
         self._stats["fresh_site_calls"] += 1
         self._stats["tokens_computed"] += float(h.shape[1])
-        if scored:
-            if p.score == "attn" and kind == "attn" and not hasattr(module, "forward_with_column_scores") and hasattr(
-                    module, "column_scores"):
-                with torch.no_grad():
-                    self._score[(ctx.branch, layer)] = F.normalize(module.column_scores(h, p.column_chunk)[:, P:],
-                                                                   p=2, dim=1)
-            elif p.score == "xattn" and kind == "xattn" and hasattr(module, "entropy"):
-                with torch.no_grad():
-                    self._score[(ctx.branch, layer)] = module.entropy(h, *branch.args)[:, P:]
-            if kind in p.partial_kinds:
-                self._stale[key] = torch.zeros(h.shape[0], h.shape[1] - P, dtype=torch.long, device=h.device)
+        if scored and kind in p.partial_kinds:
+            self._stale[key] = torch.zeros(h.shape[0], h.shape[1] - P, dtype=torch.long, device=h.device)
         return out
 
     def _token_score(self, ctx, layer: int, kind: str, B: int, N: int, device, dtype) -> torch.Tensor:
