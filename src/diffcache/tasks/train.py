@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..backbones import from_config
 from ..metrics.cost import policy_cost
 from ..modules.convergence import RouterConvergence
+from ..policies.base import require_trainable
 from ..policies.l2c.checkpoint import load_official
 from ..utils.build import build_callbacks, build_loggers, build_policy, build_solver
 from ..utils.console import StepProgressBar, model_summary_line, setup_console
@@ -105,9 +106,7 @@ def train(cfg: DictConfig) -> dict:
     backbone = from_config(cfg.backbone)
     solver = build_solver(cfg.solver)
     policy = build_policy(cfg.policy)
-    if not hasattr(policy, "sum_beta"):
-        raise ValueError(f"router training needs policy=l2c; policy={policy.name} has nothing to train "
-                         f"(measure it with evaluate.py policy={policy.name})")
+    require_trainable(policy)
     metrics = cfg.get("metrics")
     quality = instantiate(metrics.quality) if metrics else None
     val = {"val_samples": metrics.val_samples, "val_batch_size": metrics.val_batch_size} if metrics else {}
