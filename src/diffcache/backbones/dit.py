@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import Branch, CachedBackbone, make_variants, residual
+from .base import Branch, CachedBackbone, Linear, make_variants, residual
 from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
 
 
@@ -116,14 +116,13 @@ class DiT(CachedBackbone):
             nn.init.zeros_(p)
 
     # ------------------------------------------------------------------ cost
-    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
-        """adaLN per layer (6 C^2); outside: patch embed, t/y embedders, final adaLN + linear."""
-        _, per_layer = super().fixed_cost(convention)
+    def fixed_linears(self) -> tuple[list[Linear], list[list[Linear]]]:
+        """adaLN per layer (C -> 6C after SiLU); outside: patch embed, t embedder (256 -> C -> C), final adaLN
+        (C -> 2C) and linear."""
         C, N, p = self.hidden_size, self.num_tokens, self.patch_size
-        if convention == "l2c":
-            outside = N * p * p * self.in_channels * C + 256 * C + C * C + 2 * C * C + N * C * p * p * self.out_channels
-            return float(outside), [x + 6 * C * C for x in per_layer]
-        return 0.0, [x + C + 6 * C * C for x in per_layer]
+        outside = [Linear(N, p * p * self.in_channels, C), Linear(1, 256, C), Linear(1, C, C), Linear(1, C, 2 * C),
+                   Linear(N, C, p * p * self.out_channels)]
+        return outside, [[Linear(1, C, 6 * C, silu=True)] for _ in range(self.depth)]
 
     # ------------------------------------------------------------------ conditioning
     @property
@@ -256,7 +255,7 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 _CONFIGS["tiny_dit"] = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 # the offline demo teacher (assets/mnist_dit.pt): 32x32 grey pixels, patch 4 -> 64 tokens, learned sigma
 _CONFIGS["mnist_dit"] = dict(input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
-                             num_classes=10, learn_sigma=True)
+                             num_classes=10, learn_sigma=True, clip_denoised=True)
 
 
 VARIANTS: dict[str, Callable[..., DiT]] = make_variants(DiT, _CONFIGS)

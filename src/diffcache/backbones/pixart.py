@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .base import Branch, CachedBackbone, make_variants, residual
+from .base import Branch, CachedBackbone, Linear, make_variants, residual
 from .layers import Attention, CrossAttention, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 
 
@@ -290,15 +290,13 @@ class PixArt(CachedBackbone):
         return out
 
     # ------------------------------------------------------------------ cost
-    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
-        """adaLN-single: outside the blocks patch embed, t embedder + t_block (6 C^2), caption MLP, final linear."""
-        _, per_layer = super().fixed_cost(convention)
-        if convention != "l2c":
-            return 0.0, per_layer
+    def fixed_linears(self) -> tuple[list[Linear], list[list[Linear]]]:
+        """adaLN-single: outside the blocks patch embed, t embedder + t_block (C -> 6C), caption MLP, final
+        linear; nothing per layer."""
         C, N, p, L, Cc = self.hidden_size, self.num_tokens, self.patch_size, self.token_num, self.caption_channels
-        outside = (N * p * p * self.in_channels * C + 256 * C + C * C + 6 * C * C + L * (Cc * C + C * C)
-                   + N * C * p * p * self.out_channels)
-        return float(outside), per_layer
+        outside = [Linear(N, p * p * self.in_channels, C), Linear(1, 256, C), Linear(1, C, C), Linear(1, C, 6 * C),
+                   Linear(L, Cc, C), Linear(L, C, C), Linear(N, C, p * p * self.out_channels)]
+        return outside, [[] for _ in range(self.depth)]
 
     # ------------------------------------------------------------------ conditioning
     def random_cond(self, batch: int, generator: torch.Generator):

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import lightning as L
 import torch
 
 from ..denoiser import Denoiser
+from ..policies.l2c import provenance
 from ..sampling import advance
 from .convergence import DRAWS, RouterConvergence, logit_distance
 from .distill_steps import cached_step_scales, step_mse, stratified_picks, trajectory_terms
@@ -117,6 +118,7 @@ class RouterDistill(QualityValidation, L.LightningModule):
         # restores it after validation), so the policy, built in eval (hard) mode, must be switched here:
         # under hard routing the MSE has no gradient and only the L1 term would move the logits.
         self.policy.train()
+        self.policy.clamp_()  # a no-op except after a resume: ModelCheckpoint saves before on_train_batch_end clamps
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.parameters())
@@ -138,7 +140,6 @@ class RouterDistill(QualityValidation, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming: refuse a checkpoint made with another solver, interval or backbone (provenance)."""
-        from ..policies.l2c import provenance
 
         meta = checkpoint.get("diffcache")
         provenance.check(provenance.file_record("lightning", lightning=meta) if meta else None,

@@ -27,10 +27,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ..backbones import from_config
 from ..data.seeded import seeded_inputs, step_generators
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
 from ..sampling import sample
+from ..utils.build import build_solver
+from ..utils.console import setup_console
+from ..utils.grids import class_labels, labelled_grid
 from ..utils.hashing import file_sha256
 from ..utils.record import Row, caption, provenance, save_rows, teacher_label, write_table
 from .methods import Context, candidates, mark_equal_compute
@@ -131,10 +135,11 @@ def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = 
     cache, prov, teacher_name = RowCache(cfg, backbone), provenance(), teacher_label(cfg.backbone)
     cands = candidates(ctx)
     rows, grid, teacher, reused = [], [], None, 0
-    for cand in cands:
+    for k, cand in enumerate(cands, 1):
         key = cand.row.identity() + cand.cache_key
         hit = cache.get(key)
         if hit is None:
+            log.info("comparing %d/%d: %s (%d samples)", k, len(cands), cand.row.label(), int(c.num_samples))
             if teacher is None and cand is not cands[0]:  # the full row came from the cache: its samples did not
                 teacher, _ = _samples(backbone, cands[0].solver, None, int(c.num_samples), int(c.batch_size),
                                       ctx.guidance, int(c.seed), next(backbone.parameters()).device)
@@ -164,7 +169,6 @@ def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = 
 
 
 def _grid(rows: list[Row], grid: list[torch.Tensor], backbone, seed: int, path: Path, text: str) -> None:
-    from ..utils.grids import class_labels, labelled_grid
 
     _, cond = seeded_inputs(backbone, range(grid[0].shape[0]), seed)
     labels = []
@@ -197,3 +201,23 @@ def report(out_dir) -> str:
     files = [out_dir / f for f in ("comparison.md", "comparison.csv", "results.json", "comparison_samples.png",
                                    "router.pt", "router_heatmaps", "val_samples")]
     return f"\n{(out_dir / 'comparison.md').read_text()}\nsaved: " + ", ".join(str(f) for f in files if f.exists())
+
+
+def run(cfg) -> list[Row]:
+    """``compare.py``: build the teacher and sampler, compare, print the table (see the module docstring)."""
+
+    setup_console()
+    if not cfg.get("compare"):
+        raise ValueError("compare=none leaves nothing to compare; pick compare=default (or an experiment that sets it)")
+    router = cfg.get("router_ckpt")
+    if router and not Path(router).is_file():
+        raise FileNotFoundError(f"router_ckpt={router} does not exist; train one with train.py (<run>/router.pt) or "
+                                f"pass router_ckpt=null to compare the baselines alone")
+    name = str(cfg.get("device") or "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    backbone = from_config(cfg.backbone).to(device).eval()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = compare(cfg, backbone, build_solver(cfg.solver), router, out)
+    print(report(out))
+    return rows

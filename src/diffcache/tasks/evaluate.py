@@ -16,15 +16,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ..backbones import from_config
 from ..data.seeded import seeded_inputs, step_generators
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
-from ..modules.sampler import set_hash
+from ..modules.sampler import ShardedSampler, gather, set_hash
 from ..sampling import compile_backbone, sample
-from ..utils.build import build_backbone, build_loggers, build_policy, build_solver
+from ..utils.build import build_loggers, build_policy, build_solver
 from ..utils.console import setup_console
-from .eval_io import Conditioning, decode, save_grid
 from ..utils.hashing import file_sha256
+from ..utils.record import QUALITY, Row, caption, provenance, save_rows, teacher_label, write_table
+from .eval_io import Conditioning, decode, save_grid
 
 def _device(name: str) -> torch.device:
     if name == "auto":
@@ -51,8 +53,6 @@ def _sharded(cfg, backbone, solver, policy, guidance, conditioning, out_dir):
     resumable shards, identical for any number of ranks; None on ranks other than 0."""
     import lightning as L
     from hydra.utils import instantiate
-
-    from ..modules.sampler import ShardedSampler, gather
 
     def inputs(idx, device):
         return seeded_inputs(backbone, idx, cfg.seed, device, conditioning.batch)
@@ -92,7 +92,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(str(cfg.eval.device))
-    backbone = build_backbone(cfg.backbone).to(device).eval()
+    backbone = from_config(cfg.backbone).to(device).eval()
     solver = build_solver(cfg.solver)
     if cfg.eval.get("compile"):  # static schedules: one graph per distinct caching decision (+ the uncached one)
         compile_backbone(backbone, str(cfg.eval.compile), max_graphs=solver.num_evals + 2)
@@ -151,7 +151,6 @@ def _report(cfg, solver, policy, result: dict, cost: dict, out: Path) -> str:
     ``evaluation.{md,csv}``; returns the short summary the console shows (the JSON stays in ``summary.json``)."""
     from omegaconf import OmegaConf
 
-    from ..utils.record import QUALITY, Row, caption, provenance, save_rows, teacher_label, write_table
 
     params = {k: v for k, v in (OmegaConf.to_container(cfg.policy, resolve=True) or {}).items()
               if not k.startswith("_") and isinstance(v, (int, float, str)) and not isinstance(v, bool)}

@@ -19,6 +19,7 @@ from ..metrics.cost import policy_cost
 from ..policies.fora import FORAPolicy
 from ..policies.l2c import L2CPolicy
 from ..policies.toca import ToCaPolicy
+from ..search import ScheduleSearch
 from ..utils.hashing import file_sha256
 from ..utils.record import Row
 
@@ -136,7 +137,6 @@ def toca(ctx: Context) -> list[Candidate]:
 def search(ctx: Context) -> list[Candidate]:
     """Searched schedules (greedy / DP) at ``compare.search.budgets``; one error table, measured when the first
     row not in the cache needs it, serves every budget and method (its time is in each row's ``search_s``)."""
-    from ..search import ScheduleSearch
 
     s = ctx.c.get("search") or {}
     kw = dict(budget_of=s.get("budget_of", "sampler"), proxy=s.get("proxy", "final"),

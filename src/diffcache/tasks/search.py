@@ -8,8 +8,9 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ..backbones import from_config
 from ..search.plot import schedule_heatmap
-from ..utils.build import build_backbone, build_solver
+from ..utils.build import build_solver
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ def search(cfg: DictConfig) -> dict:
     """Measure the error table, select under the budget, write router / table / summary / heatmap."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = build_backbone(cfg.backbone)
+    backbone = from_config(cfg.backbone)
     solver = build_solver(cfg.solver)
     searcher = instantiate(cfg.searcher)
     res = searcher.run(backbone, solver)

@@ -29,7 +29,8 @@ def labelled_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: l
     import matplotlib.pyplot as plt
 
     n = rows[0].shape[0]
-    width = max(6.0, 0.55 * n + 2.8)
+    chars = max(len(line) for label in row_labels for line in label.split("\n"))  # the label column's width
+    width = max(6.0, 0.55 * n + 0.07 * chars + 0.5)
     fig, axes = plt.subplots(len(rows), 1, figsize=(width, 0.62 * len(rows) + 0.9), dpi=130, squeeze=False)
     for ax, x, label in zip(axes[:, 0], rows, row_labels):
         img = _strip(x)
@@ -48,7 +49,7 @@ def labelled_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: l
         top.tick_params(length=0)
     if caption:
         fig.text(0.01, 0.005, caption, fontsize=6, ha="left", va="bottom", wrap=True)
-    fig.subplots_adjust(left=min(0.45, 2.6 / width), right=0.99, top=0.9 if col_labels else 0.98,
+    fig.subplots_adjust(left=min(0.6, (0.07 * chars + 0.2) / width), right=0.99, top=0.9 if col_labels else 0.98,
                         bottom=0.12 if caption else 0.02, hspace=0.08)
     return save_figure(fig, path)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .figures import save_figure
-from .record import QUALITY, Row
+from .record import QUALITY, Row, varying
 
 
 def pareto_front(points: list[tuple[float, float]], higher_better: bool) -> list[tuple[float, float]]:
@@ -34,6 +34,7 @@ def pareto_png(rows: list[Row], path: str | Path, caption: str = "") -> Path | N
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.8), dpi=110, squeeze=False)
+    swept = varying(rows)
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(dict.fromkeys(r.method for r in rows))}
     for ax, (key, header, higher) in zip(axes[0], panels):
         pts = [r for r in rows if key in r.metrics]
@@ -43,7 +44,7 @@ def pareto_png(rows: list[Row], path: str | Path, caption: str = "") -> Path | N
                         yerr=[r.spread.get(key, 0.0) for r in sub], fmt="o", capsize=3, color=colours[method],
                         label=method)
             for r in sub:
-                ax.annotate(r.short[:32], (r.macs_fraction, r.metrics[key]), fontsize=6, xytext=(3, 3),
+                ax.annotate(r.short(swept)[:32], (r.macs_fraction, r.metrics[key]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
         front = pareto_front([(r.macs_fraction, r.metrics[key]) for r in pts], higher)
         ax.plot([x for x, _ in front], [y for _, y in front], "--", color="0.4", lw=1, label="Pareto front")

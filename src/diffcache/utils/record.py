@@ -16,6 +16,8 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .hashing import file_sha256
+
 RESULTS = "results.json"  # every task's rows, in a run directory
 # quality metrics: (key, column header, higher is better); PSNR / MSE are to the full sampler on the same noise
 QUALITY = [("mnist_fid", "MNIST-FID", False), ("mnist_is", "MNIST-IS", True), ("fid", "FID", False),
@@ -57,19 +59,22 @@ class Row:
 
     @property
     def label(self) -> str:
-        """``[role: ]title params [(variant)]``, e.g. ``fewer steps: DDIM-17`` or ``L2C θ=0.1 (lam=0.001)``."""
+        """``[role: ]title params``, e.g. ``fewer steps: DDIM-17`` or ``L2C θ=0.1`` (see :meth:`describe`)."""
+        return self.describe(())
+
+    def describe(self, keys) -> str:
+        """The label with the trained router's settings ``keys`` (those that differ between the rows shown, see
+        :func:`varying`) in parentheses: ``L2C θ=0.1 (lam=0.001 data=noise)``."""
         words = [self.title] + [str(v) if isinstance(v, str) else f"{k}={v:g}" for k, v in self.params.items()]
-        text = " ".join(words)
-        if self.variant:
-            text += " (" + " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.variant.items()) + ")"
+        shown = [f"{k.rsplit('.', 1)[-1]}={self.variant[k]}" for k in keys if k in self.variant]
+        text = " ".join(words) + (f" ({' '.join(shown)})" if shown else "")
         return f"{self.role}: {text}" if self.role else text
 
-    @property
-    def short(self) -> str:
+    def short(self, keys=()) -> str:
         """A plot point's label: the swept values of a trained router, else the parameters (or the title)."""
-        if self.variant:
-            return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.variant.items())
-        return " ".join(str(v) if isinstance(v, str) else f"{k}={v:g}" for k, v in self.params.items()) or self.title
+        shown = [f"{k.rsplit('.', 1)[-1]}={self.variant[k]}" for k in keys if k in self.variant]
+        words = [str(v) if isinstance(v, str) else f"{k}={v:g}" for k, v in self.params.items()]
+        return " ".join(shown + ([] if shown and self.method == "l2c" else words)) or self.title
 
     def value(self, key: str):
         return self.metrics.get(key) if key in self.metrics else getattr(self, key, None)
@@ -116,6 +121,12 @@ def average(rows: list[Row]) -> list[Row]:
     return sorted(out, key=lambda r: -(r.macs_fraction or 0.0))
 
 
+def varying(rows: list[Row]) -> list[str]:
+    """The router settings (``variant`` keys) whose values differ between ``rows``: what tells them apart."""
+    keys = dict.fromkeys(k for r in rows for k in r.variant)
+    return [k for k in keys if len({json.dumps(r.variant.get(k), default=str) for r in rows if r.variant}) > 1]
+
+
 def _cell(row: Row, key: str) -> str:
     v = row.value(key)
     if v is None:
@@ -131,8 +142,9 @@ def write_table(rows: list[Row], stem, caption: str = "") -> str:
     keys += [(k, h) for k, h in COST if any(r.value(k) is not None for r in rows)]
     head = ["method", "NFE"] + (["seeds"] if any(r.seeds > 1 for r in rows) else []) + [h for _, h in keys]
     lines = ([f"*{caption}*", ""] if caption else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    swept = varying(rows)
     for r in rows:
-        cells = [r.label + (" (reused)" if r.provenance.get("reused") else ""), str(r.nfe)]
+        cells = [r.describe(swept) + (" (reused)" if r.provenance.get("reused") else ""), str(r.nfe)]
         cells += [str(r.seeds)] if "seeds" in head else []
         lines.append("| " + " | ".join(cells + [_cell(r, k) for k, _ in keys]) + " |")
     md = "\n".join(lines) + "\n"
@@ -183,7 +195,6 @@ def caption(what: str, teacher: str, num_samples: int, seed: int, prov: dict) ->
 
 def teacher_label(backbone_cfg) -> str:
     """``arch (file, sha256 prefix)`` of a backbone config's checkpoint, or ``arch (random weights)``."""
-    from .hashing import file_sha256
 
     ckpt = backbone_cfg.get("ckpt")
     name = str(backbone_cfg.get("arch") or backbone_cfg.get("_target_", "backbone")).rsplit(".", 1)[-1]
