@@ -14,18 +14,25 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FAST = ["trainer.enable_progress_bar=false"]
-# train.py's built-in default is the MNIST demo (experiment=mnist_dit); tests compose the groups alone
-# (experiment=none) on the tiny random backbone unless they choose an experiment or a backbone
+# train.py / evaluate.py / search.py default to the MNIST demo teacher (train: experiment=mnist_dit; evaluate:
+# with MNIST-FID on 200 samples); tests compose the groups alone on the tiny random backbone unless they choose
+# an experiment or a backbone
 TINY = ["backbone=tiny_dit"]
+_TINY_EVAL = {"metrics": "none", "eval.num_samples": "8", "eval.batch_size": "4"}
 
 
 def with_tiny(name: str, overrides: list[str]) -> list[str]:
-    """``overrides`` plus ``experiment=none`` for train configs that pick no experiment, and
-    ``backbone=tiny_dit`` for those that pick neither an experiment nor a backbone."""
+    """``overrides`` plus, when they choose neither an experiment nor a backbone, ``backbone=tiny_dit`` (train:
+    ``experiment=none``; evaluate: no metrics, 8 samples, unless set)."""
+    name = name.removesuffix(".py")
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    if name != "train" or "experiment" in keys:
+    if "experiment" in keys or name not in ("train", "evaluate", "search"):
         return list(overrides)
-    extra = ["experiment=none"] + ([] if "backbone" in keys else TINY)
+    extra = [] if "backbone" in keys else TINY
+    if name == "train":
+        extra = ["experiment=none", *extra]
+    elif name == "evaluate" and "backbone" not in keys:
+        extra += [f"{k}={v}" for k, v in _TINY_EVAL.items() if k not in keys]
     return [*overrides, *extra]  # after the flags (train.py -m ...: argparse takes one block of overrides)
 
 
@@ -43,7 +50,6 @@ def compose_cfg(name: str, overrides: list[str], out: Path):
 def run_cli(script: str, args: list[str], cwd: Path, timeout: int = 400, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "PROJECT_ROOT": str(cwd), **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
-    if script == "train.py":
-        args = with_tiny("train", args)
+    args = with_tiny(script, args)
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
