@@ -1,4 +1,7 @@
-"""Search a static cache schedule: ``python search.py backbone=tiny_dit solver=ddim20 searcher.budget=0.7``."""
+"""Search a static cache schedule: ``python search.py solver=ddim20 searcher.budget=0.7``."""
+import logging
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -9,9 +12,12 @@ import diffcache  # noqa: F401  (registers the config resolvers before Hydra nam
 def main(cfg: DictConfig) -> None:
     from diffcache.tasks.search import search
     from diffcache.utils.cli import user_errors
+    from diffcache.utils.console import choose_threads
 
+    choose_threads(logging.getLogger("diffcache"))  # a script's choice; train(cfg) from Python keeps torch's
     with user_errors():
-        search(cfg)
+        if search(cfg).get("interrupted"):
+            sys.exit(130)  # Ctrl-C: the measured part of the table kept, the command that continues it printed
 
 
 if __name__ == "__main__":

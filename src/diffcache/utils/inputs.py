@@ -60,6 +60,19 @@ def check_file(path, setting: str, hint: str = "") -> Path:
     return p
 
 
+def _check_json(path, setting: str) -> None:
+    import json
+
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{setting}={path}: no such file (error_table.json, or error_table.partial.json of "
+                                f"an interrupted search)")
+    try:
+        json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{setting}={path} is not a readable JSON table ({e}); measure it again") from None
+
+
 def _weights_hint(arch) -> str:
     from ..backbones.weights import WHERE_TO_GET
 
@@ -118,5 +131,6 @@ def check_inputs(cfg: DictConfig) -> None:
         check_router_fits(cfg, cfg.router_ckpt, "router_ckpt")
     elif task == "search":
         _build(cfg.searcher, "searcher")
-        if OmegaConf.select(cfg, "searcher.table"):
-            check_file(cfg.searcher.table, "searcher.table")
+        table = OmegaConf.select(cfg, "searcher.table")
+        if table:
+            _check_json(table, "searcher.table")
