@@ -15,9 +15,11 @@ def main(cfg: DictConfig) -> None:
     from diffcache.utils.console import choose_threads
 
     choose_threads(logging.getLogger("diffcache"))  # a script's choice; train(cfg) from Python keeps torch's
+    result = {}  # an input error in a sweep job ends that job only (user_errors reports it)
     with user_errors():
-        if search(cfg).get("interrupted"):
-            sys.exit(130)  # Ctrl-C: the measured part of the table kept, the command that continues it printed
+        result = search(cfg)
+    if result.get("partial"):  # Ctrl-C: the measured part of the table kept, the command that continues it printed
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ def main(cfg: DictConfig) -> None:
     from diffcache.utils.console import choose_threads
 
     choose_threads(logging.getLogger("diffcache"))  # a script's choice; train(cfg) from Python keeps torch's
+    result = {}  # an input error in a sweep job ends that job only (user_errors reports it)
     with user_errors():
-        if train(cfg).get("interrupted"):
-            sys.exit(130)  # Ctrl-C: checkpoint and partial router saved, the resume command printed
+        result = train(cfg)
+    if result.get("partial"):  # interrupted (Ctrl-C): the partial router is saved; the shell sees 130
+        sys.exit(130)
 
 
 if __name__ == "__main__":

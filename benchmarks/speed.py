@@ -26,7 +26,7 @@ import torch
 
 from diffcache.backbones import load_backbone
 from diffcache.metrics.cost import policy_cost
-from diffcache.policies.base import StepContext
+from diffcache.context import StepContext
 from diffcache.policies.fora import FORAPolicy
 from diffcache.policies.l2c import L2CPolicy
 from diffcache.policies.toca import ToCaPolicy
@@ -59,11 +59,9 @@ TEACHERS = {"mnist_dit": "mnist_dit.pt", "mnist_uvit": "mnist_uvit.pth"}  # ship
 
 
 def load_model(arch: str):
-    """The shipped MNIST teacher (its real weights, x0 clipping on) or ``arch`` with random weights."""
+    """The shipped MNIST teacher (its real weights; the variant clips x0) or ``arch`` with random weights."""
     if arch in TEACHERS:
-        model = load_backbone(arch, ckpt=str(ASSETS / TEACHERS[arch]))
-        model.clip_denoised = True
-        return model
+        return load_backbone(arch, ckpt=str(ASSETS / TEACHERS[arch]))
     return load_backbone(arch, random_init=True)
 
 
@@ -87,7 +85,7 @@ def l2c_policy(arch: str, steps: int, routers: Path | None) -> tuple[L2CPolicy, 
 def searched_policy(model, solver, macs_fraction: float, num_samples: int = 2) -> tuple[Any, str]:
     """A schedule searched on this model (DP on the next-state error of ``num_samples`` calibration samples) at
     the L2C row's MAC fraction of the whole sampler; with the search's wall time in the note."""
-    from diffcache.policies.search import ScheduleSearch
+    from diffcache.search import ScheduleSearch
 
     t0 = time.perf_counter()
     res = ScheduleSearch(budget=min(1.0, macs_fraction), method="dp", proxy="step", num_samples=num_samples,
@@ -127,12 +125,12 @@ def candidates(arch: str, steps: int, routers: Path | None, model=None, search_s
 def _graph_breaks(model, policy, solver, noise, y, guidance) -> dict:
     """Graph breaks of one forward at a full and at a cache evaluation (explain, backend-free)."""
     B = noise.shape[0]
-    x = torch.cat([noise, noise]) if guidance is not None else noise
+    x = (torch.cat([noise, noise]) if guidance is not None else noise).to(model.dtype)
     yy = torch.cat([y, torch.full_like(y, model.null_class)]) if guidance is not None else y
     t = torch.full((x.shape[0],), 500.0, device=noise.device)
     reasons, graphs = [], 0
     evals = [0, 1] if policy is not None else [0]
-    ctx = dict(step=0, num_steps=solver.num_steps, num_evals=solver.num_evals, timestep=500.0,
+    ctx = dict(step=0, num_steps=solver.num_steps, num_evals=solver.num_evals,
                branch="all", cfg_layout=model.cfg_layout)
     import contextlib
 
@@ -161,7 +159,7 @@ def _graph_breaks(model, policy, solver, noise, y, guidance) -> dict:
 def _warm(model, noise, y) -> None:
     """One uncached forward at the run's CFG batch: thread pools and allocator warm, at a fraction of a run."""
     with torch.no_grad():
-        x = torch.cat([noise, noise])
+        x = torch.cat([noise, noise]).to(model.dtype)  # a direct call: the input in the model's dtype
         model(x, torch.full((x.shape[0],), 500.0, device=x.device), torch.cat([y, y]))
 
 
@@ -252,7 +250,8 @@ def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "c
              or (c["policy"].startswith("ddim") and "ddim" in policies)]
     rows: list[dict] = []
     for bs in batches:
-        noise, y = seeded_inputs(model, bs, dev, dtype)
+        # the solver state stays float32 whatever the model's dtype: sample() casts the model input to it
+        noise, y = seeded_inputs(model, bs, dev, torch.float32)
         full_macs = policy_cost(model, cands[0]["solver"], None, guidance=guidance)["macs_cfg"]
         reps = repeats if bs < 8 else max(1, repeats - 2)  # a batch-8 DiT-S/2 run is ~30 s on 2 CPU cores
         for mode in ["eager"] + [f"compile:{m}" for m in compile_modes]:

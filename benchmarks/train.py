@@ -80,14 +80,15 @@ def run(configs=(("tiny_dit", 8), ("DiT-S/2", 2), ("DiT-S/2", 8)), device: str =
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model, step
-    rows.append(search_run(num_samples=search_samples, device=str(dev)))
+    if search_samples:
+        rows.append(search_run(num_samples=search_samples, device=str(dev)))
     return rows
 
 
 def search_run(arch: str = "mnist_dit", steps: int = 20, num_samples: int = 16, device: str = "cpu") -> dict:
     """Wall time of one schedule search as ``search.py`` runs it by default (error table on ``num_samples``
     calibration trajectories, final-sample proxy, greedy + DP at budget 0.8) on the shipped MNIST DiT, DDIM-20."""
-    from diffcache.policies.search import ScheduleSearch
+    from diffcache.search import ScheduleSearch
 
     from .speed import load_model
 

@@ -57,15 +57,16 @@ def main(argv) -> None:
     from diffcache.metrics.cost import policy_cost
     from diffcache.modules.trajectory import search_init  # noqa: F401  (the search used by the init)
     from diffcache.policies.l2c import L2CPolicy
-    from diffcache.policies.search import ScheduleSearch
+    from diffcache.search import ScheduleSearch
     from diffcache.sampling import sample
-    from diffcache.utils.build import build_backbone, build_solver
+    from diffcache.backbones import from_config
+    from diffcache.utils.build import build_solver
 
     teacher, n, budgets, arms, extra = _args(argv)
     sname, guidance, exp = TEACHERS[teacher]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[exp])
-    bb, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
+    bb, solver = from_config(cfg.backbone), build_solver(cfg.solver)
     noise, cond = seeded_inputs(bb, range(n), 0, "cpu")
     run = lambda s, p: sample(bb, s, p, noise, cond, guidance, generator=torch.Generator().manual_seed(0))  # noqa: E731
     full = run(solver, None)

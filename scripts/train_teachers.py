@@ -88,7 +88,7 @@ def write_record(name: str, record: dict) -> None:
 def cmd_classifier(args: list[str]) -> None:
     import torch
 
-    from diffcache.modules.classifier import train_classifier
+    from diffcache.metrics.classifier import train_classifier
 
     kw = dict(a.split("=", 1) for a in args)
     epochs = int(kw.get("epochs", 30))

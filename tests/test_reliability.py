@@ -18,13 +18,12 @@ from cli_batch import run_many
 from hydra_utils import FAST, ROOT, compose_cfg, with_tiny
 from test_evaluate import perturbed_ckpt
 
-from diffcache.backbones import build_backbone
+from diffcache.backbones import build_backbone, from_config
 from diffcache.policies.l2c import L2CPolicy
 from diffcache.sampling import sample
 from diffcache.solvers import DDPM
 from diffcache.tasks.evaluate import evaluate
 from diffcache.tasks.train import train
-from diffcache.utils.build import build_backbone as build_from_cfg
 
 QUICK = ["eval.progress=false", "eval.latency_repeats=0"]
 
@@ -132,7 +131,7 @@ def test_evaluate_uses_real_labels_and_encoded_prompts(tmp_path):
     cfg = compose_cfg("evaluate", ["eval.labels=[3,7]", "eval.num_samples=3", "eval.batch_size=2", *QUICK],
                       tmp_path / "labels")
     evaluate(cfg)
-    bb = build_from_cfg(cfg.backbone)
+    bb = from_config(cfg.backbone)
     want = _expected(bb, cfg, lambda i: torch.tensor([[3, 7][i % 2]]))
     torch.testing.assert_close(torch.load(tmp_path / "labels" / "samples.pt"), want, rtol=0, atol=1e-5)
 
@@ -147,7 +146,7 @@ def test_evaluate_uses_real_labels_and_encoded_prompts(tmp_path):
                                    f"eval.prompts={tmp_path / 'prompts.pt'}", "eval.num_samples=2", "eval.batch_size=2",
                                    *QUICK], tmp_path / "prompts")
     evaluate(cfg)
-    bb = build_from_cfg(cfg.backbone)
+    bb = from_config(cfg.backbone)
     want = _expected(bb, cfg, lambda i: {"y": y[i:i + 1], "mask": mask[i:i + 1]})
     # float32 round-off of batch 2 vs batch 1 kernels over 20 steps (cf. test_evaluate_batch_size_...)
     torch.testing.assert_close(torch.load(tmp_path / "prompts" / "samples.pt"), want, rtol=0,
@@ -188,7 +187,7 @@ def test_csv_has_one_row_per_step_and_overrides_name_one_setting(tmp_path):
     assert all(r["train/loss"] and r["lr-AdamW"] and r["router/cached"] for r in rows)
     for arch in ("tiny_dit", "tiny_uvit", "tiny_pixart"):  # backbone.overrides={input_size:4}: one name everywhere
         cfg = compose_cfg("train", [f"backbone={arch}", "backbone.overrides={input_size:4}"], tmp_path / arch)
-        assert build_from_cfg(cfg.backbone).input_size == 4, arch
+        assert from_config(cfg.backbone).input_size == 4, arch
 
 
 def _wait_for_rows(csv_path, n, proc, timeout=300.0):
@@ -242,7 +241,7 @@ def test_interrupt_and_kill_then_resume_lose_nothing(tmp_path):
             proc.kill()
             fh.close()
     ref = train(compose_cfg("train", [*args, *FAST], tmp_path / "ref"))  # the uninterrupted run
-    assert not ref.get("interrupted")
+    assert not ref.get("partial")
     out = (tmp_path / "SIGINT.out").read_text()
     assert procs[signal.SIGINT][0].returncode == 130, out[-3000:]
     run = tmp_path / "SIGINT"

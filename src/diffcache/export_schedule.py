@@ -14,11 +14,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+from .backbones import meta_backbone
 from .policies import static_schedule as ss
+from .policies.fora import FORAPolicy
+from .policies.l2c import L2CPolicy
+from .utils.resolvers import conf_dir
 
 
 def _conf_dir(given: str | None) -> Path:
-    for cand in ([Path(given)] if given else []) + [Path.cwd() / "conf", Path(__file__).resolve().parents[2] / "conf"]:
+    for cand in ([Path(given)] if given else []) + [conf_dir()]:
         if (cand / "evaluate.yaml").is_file():
             return cand.resolve()
     raise FileNotFoundError("no config directory with evaluate.yaml found; pass --config-dir /path/to/diffcache/conf")
@@ -26,14 +34,6 @@ def _conf_dir(given: str | None) -> Path:
 
 def compose_run(backbone: str, solver: str, overrides: list[str], conf_dir: str | None = None):
     """(backbone on the meta device, solver, the composed config) from the config groups."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
-
-    import diffcache  # noqa: F401  (resolvers)
-
-    from .utils.inputs import meta_backbone
-
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(_conf_dir(conf_dir)), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"backbone={backbone}", f"solver={solver}", "policy=l2c", *overrides])
@@ -63,12 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         backbone, solver, cfg = compose_run(a.backbone, a.solver, a.overrides, a.config_dir)
         layout = backbone.layout
         if a.fora is not None:
-            from .policies.fora import FORAPolicy
-
             policy, what = FORAPolicy(a.fora), {"policy": "fora", "interval": a.fora}
         else:
-            from .policies.l2c import L2CPolicy
-
             theta = float(a.theta if a.theta is not None else cfg.policy.theta)
             policy = L2CPolicy.from_official(a.router, theta=theta, budget=a.budget, cache_interval=a.cache_interval)
             try:

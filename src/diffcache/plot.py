@@ -15,11 +15,14 @@ from pathlib import Path
 
 import torch
 
+from .callbacks.router_stats import router_heatmap
+from .policies.l2c import alternating_schedule, shifted_schedule
+from .policies.l2c.checkpoint import load_official
+
 
 def _schedule(num_routers: int, record: dict, kind: str | None):
     """The L2C schedule the routers were made for: from the record (one or two evaluations per step),
     or ``kind`` given by the user; None = unknown (every router is drawn)."""
-    from .policies.l2c import alternating_schedule, shifted_schedule
 
     steps = record.get("num_steps")
     evals = record.get("num_evals", steps if record.get("solver") == "DDIM" else None)
@@ -34,9 +37,6 @@ def _schedule(num_routers: int, record: dict, kind: str | None):
 
 def draw(path: str | Path, out: str | Path | None = None, theta: float | None = None,
          kinds: tuple[str, ...] | None = None, schedule: str | None = None) -> Path:
-    from .callbacks.router_stats import router_heatmap
-    from .policies.l2c.checkpoint import load_official
-
     off = load_official(path)
     record = off.record or {}
     kinds = tuple(kinds or record.get("site_kinds") or ("attn", "mlp"))

@@ -10,7 +10,7 @@ from tiny_models import Recorder, bound_for_test, perturbed
 from diffcache.backbones import CheckpointError, build_backbone, count_parameters, load_backbone
 from diffcache.backbones.dit import DiT
 from diffcache.backbones.weights import load_checkpoint
-from diffcache.policies.base import StepContext
+from diffcache.context import StepContext
 
 
 def tiny(seed: int = 0) -> DiT:

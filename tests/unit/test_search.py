@@ -16,7 +16,7 @@ from tiny_models import perturbed
 from diffcache.metrics.cost import policy_cost
 from diffcache.policies.fora import FORAPolicy
 from diffcache.policies.l2c import L2CPolicy, make_schedule
-from diffcache.policies.search import (
+from diffcache.search import (
     ScheduleSearch,
     brute_force,
     dynamic_programme,

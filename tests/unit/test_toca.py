@@ -15,7 +15,7 @@ from tiny_models import bound_for_test, perturbed
 from diffcache.backbones import build_backbone
 from diffcache.backbones.base import SiteLayout
 from diffcache.backbones.layers import Attention, CrossAttention, Mlp
-from diffcache.policies.base import StepContext
+from diffcache.context import StepContext
 from diffcache.policies.fora import FORAPolicy, fora_full_evals
 from diffcache.policies.toca import (
     PRESETS,

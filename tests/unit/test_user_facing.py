@@ -18,7 +18,7 @@ from diffcache.policies.l2c import L2CPolicy
 from diffcache.policies.toca import ToCaPolicy
 from diffcache.solvers import DDIM
 from diffcache.tasks.eval_io import Conditioning, decode
-from diffcache.utils import preflight
+from diffcache.tasks import preflight
 from diffcache.utils.loggers import StepCSVLogger
 from diffcache.utils.sweep import summarize
 

@@ -6,7 +6,8 @@ import torch
 from tiny_models import Recorder, bound_for_test, perturbed
 
 from diffcache.backbones.uvit import VARIANTS, UViT
-from diffcache.policies.base import CachePolicy, StepContext
+from diffcache.context import StepContext
+from diffcache.policies.base import CachePolicy
 
 CTX = StepContext(nfe=0, step=0, num_steps=1, num_evals=1)
 
@@ -43,9 +44,9 @@ class ReuseAll(CachePolicy):
         super().__init__()
         self.cache = {}
 
-    def apply(self, layer, kind, module, h, *args):
+    def apply(self, layer, kind, branch):
         if self.ctx.step == 0:
-            self.cache[layer, kind] = module(h, *args)
+            self.cache[layer, kind] = branch()
         return self.cache[layer, kind]
 
 

@@ -1,7 +1,14 @@
 """The backbone contract: every residual branch runs through a cache site.
 
-A block writes ``x = x + gate * self.site(layer, "mlp", self.mlp, h)``. With no policy bound the
-site is a plain call, so outputs are bit-identical to the uncached model. A policy is bound only for
+A block hands the site its whole branch, unevaluated, and adds the gated result in one fused op::
+
+    x = residual(x, gate, self.site(layer, "mlp", Branch(blk.mlp, x, blk.norm2, shift, scale)))
+
+so a policy that reuses the branch skips its input computation too (LayerNorm, modulate): a reused
+branch costs only its gated add. A token cache evaluates the branch on a token subset
+(``branch(idx)``: gather, then norm and modulate only those tokens). With no policy bound the site is
+``branch()``, so outputs are bit-identical to the uncached model. The older call
+``self.site(layer, kind, module, h, *args)`` (input computed by the block) still works. A policy is bound only for
 the duration of a run (``with policy.bound(backbone, solver):``); it is stored with
 ``object.__setattr__`` so it is *not* a registered submodule: backbone ``state_dict`` keys stay those
 of the official checkpoints, and backbone parameters never mix with trainable policy parameters.
@@ -22,6 +29,71 @@ from torch import nn
 
 SITE_KINDS = ("attn", "xattn", "mlp")
 CFG_LAYOUTS = ("cond_uncond", "uncond_cond", "two_pass")
+
+
+class Branch:
+    """One residual branch, not yet evaluated: tokens ``x`` -> ``norm`` -> modulate -> ``module(h, *args)``.
+
+    ``branch()`` computes it on every token, ``branch(idx)`` on the tokens ``idx`` (B, k) only (per-token
+    norm and modulation commute with a gather); :meth:`input` and :meth:`run` split the two halves for
+    policies that also score the input (ToCa). ``shift`` / ``scale``: (B, 1, C) adaLN modulation or None.
+    """
+
+    __slots__ = ("module", "x", "norm", "shift", "scale", "args")
+
+    def __init__(self, module: Callable[..., torch.Tensor], x: torch.Tensor, norm: Callable | None = None,
+                 shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, args: tuple = ()):
+        self.module, self.x, self.norm, self.shift, self.scale, self.args = module, x, norm, shift, scale, args
+
+    def input(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The module's input on all tokens, or on the tokens ``idx`` (B, k)."""
+        h = self.x if idx is None else self.x.gather(1, idx.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.scale is not None:
+            h = modulate_tokens(h, self.shift, self.scale)
+        return h
+
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        return self.module(h, *self.args)
+
+    def __call__(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(self.input(idx))
+
+
+def as_branch(branch, inputs: tuple) -> Branch:
+    """A :class:`Branch`, or the older ``(module, h, *args)`` call (input already computed) wrapped as one."""
+    if isinstance(branch, Branch):
+        return branch
+    if not inputs:
+        raise TypeError("site(layer, kind, branch) takes a Branch, or a module followed by its input tensor")
+    return Branch(branch, inputs[0], args=tuple(inputs[1:]))
+
+
+def modulate_tokens(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN ``h * (1 + scale) + shift`` with (B, 1, C) shift / scale, as one fused kernel over the tokens."""
+    return torch.addcmul(shift, h, 1 + scale)
+
+
+def residual(x: torch.Tensor, gate: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``x + gate * out`` as one fused op (``addcmul``); ``x + out`` without a gate."""
+    return x + out if gate is None else torch.addcmul(x, gate, out)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear map outside the cache sites: ``rows`` vectors of ``fan_in`` -> ``fan_out`` features per sample.
+
+    ``silu``: a SiLU on its input first (adaLN modulation), which counters that count activations include."""
+
+    rows: int
+    fan_in: int
+    fan_out: int
+    silu: bool = False
+
+    @property
+    def macs(self) -> int:
+        return self.rows * self.fan_in * self.fan_out
 
 
 @dataclass(frozen=True)
@@ -74,7 +146,7 @@ class CachedBackbone(nn.Module):
     toca_preset: str | None = None        # ToCa preset that policy=toca picks for this family
     text_conditioned: bool = False        # cond is {"y": text embeddings, "mask"} rather than class labels
     clip_denoised: bool = False           # clip the x0 prediction to [-1, 1] (ADM's pixel-space sampling);
-                                          # set per run by the backbone node's clip_denoised key
+                                          # set by the variant's table entry (pixel-space MNIST teachers)
     checkpoint_name: str = "backbone"
     checkpoint_suffix: str = ".pt"       # official weight files: DiT .pt, U-ViT nnet .pth
     checkpoint_keys: tuple[str, ...] = ("state_dict",)  # wrappers an official file may put the weights under
@@ -102,12 +174,24 @@ class CachedBackbone(nn.Module):
         finally:
             object.__setattr__(self, "_policy", None)
 
-    def site(self, layer: int, kind: str, module: Callable[..., torch.Tensor], h: torch.Tensor, *args: Any) -> torch.Tensor:
-        """Run branch ``kind`` of ``layer`` on token input ``h`` (B, N, C); returns the *ungated* output."""
+    def site(self, layer: int, kind: str, branch: Branch | Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
+        """Branch ``kind`` of ``layer``: its *ungated* output (B, N, C), computed or from the bound policy's cache.
+
+        ``branch``: a :class:`Branch`; or a module followed by its input ``h`` and extra arguments (the
+        older call, which computes the input before the site even when the branch is reused)."""
+        branch = as_branch(branch, inputs)
         policy = self._policy
         if policy is None:
-            return module(h, *args)
-        return policy.site(layer, kind, module, h, *args)
+            return branch()
+        return policy.site(layer, kind, branch)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (of its first floating parameter): model inputs are cast to it."""
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
 
     @classmethod
     def unwrap_checkpoint(cls, obj: Any) -> dict[str, torch.Tensor]:
@@ -135,13 +219,11 @@ class CachedBackbone(nn.Module):
         """Every ``(layer, kind)`` a forward visits, in execution order."""
         return self.layout.sites()
 
-    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
-        """Per sample, the parts no cache saves: (outside the blocks, [per layer]) in MACs ("l2c", linear
-        layers only) or FLOPs ("toca", per-layer LayerNorms; ToCa's counter excludes embedders). The
-        formulas are in :mod:`diffcache.metrics.cost`; families add their own terms (adaLN, skips)."""
-        T, C = self.num_tokens + int(self.num_prefix_tokens or 0), int(self.hidden_size)
-        per_layer = 0.0 if convention == "l2c" else 2.0 * T * C  # the LayerNorms
-        return 0.0, [per_layer] * int(self.depth)
+    def fixed_linears(self) -> tuple[list[Linear], list[list[Linear]]]:
+        """The linear maps no cache saves, per sample: (outside the blocks, [per layer]); shapes only; the
+        cost counter (:mod:`diffcache.metrics.cost`) applies each convention. Families list their own
+        (embedders, adaLN, skip linears, final layers)."""
+        return [], [[] for _ in range(int(self.depth))]
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -187,10 +269,16 @@ class CachedBackbone(nn.Module):
 
 
 def make_variants(cls, configs: dict[str, dict[str, Any]], aliases: dict[str, str] | None = None) -> dict[str, Callable]:
-    """``{name: factory}`` for a family's size table; a factory's keyword overrides win over the table."""
+    """``{name: factory}`` for a family's size table; a factory's keyword overrides win over the table.
+
+    A table entry may set the variant's sampling convention ``clip_denoised`` (not a constructor argument)."""
     def factory(name: str):
         def build(**overrides):
-            return cls(**{**configs[name], **overrides})
+            kwargs = {**configs[name], **overrides}
+            clip = bool(kwargs.pop("clip_denoised", False))
+            model = cls(**kwargs)
+            model.clip_denoised = clip
+            return model
 
         build.__name__ = f"{cls.__name__.lower()}_" + name.replace("/", "_").replace("-", "_")
         build.__doc__ = f"{name}: {configs[name]}"

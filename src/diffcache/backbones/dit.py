@@ -7,8 +7,9 @@ Parameter names follow ``facebookresearch/DiT`` ``models.py`` so the released ``
 adaLN_modulation.1}``, ``final_layer.{linear, adaLN_modulation.1}``.
 
 adaLN-Zero: each block regresses (shift, scale, gate) for both branches from ``c = t_emb + y_emb``;
-the site returns the *ungated* branch output and the block applies the current step's gate, which is
-what both L2C and ToCa cache. With ``learn_sigma`` the output has 2·C channels (eps, variance).
+the block hands each site its branch (norm1 -> modulate -> attn) unevaluated, the site returns the
+*ungated* output (what both L2C and ToCa cache) and the block adds it under the current step's gate in
+one fused ``addcmul``. With ``learn_sigma`` the output has 2·C channels (eps, variance).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import CachedBackbone, make_variants
+from .base import Branch, CachedBackbone, Linear, make_variants, residual
 from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
 
 
@@ -115,14 +116,13 @@ class DiT(CachedBackbone):
             nn.init.zeros_(p)
 
     # ------------------------------------------------------------------ cost
-    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
-        """adaLN per layer (6 C^2); outside: patch embed, t/y embedders, final adaLN + linear."""
-        _, per_layer = super().fixed_cost(convention)
+    def fixed_linears(self) -> tuple[list[Linear], list[list[Linear]]]:
+        """adaLN per layer (C -> 6C after SiLU); outside: patch embed, t embedder (256 -> C -> C), final adaLN
+        (C -> 2C) and linear."""
         C, N, p = self.hidden_size, self.num_tokens, self.patch_size
-        if convention == "l2c":
-            outside = N * p * p * self.in_channels * C + 256 * C + C * C + 2 * C * C + N * C * p * p * self.out_channels
-            return float(outside), [x + 6 * C * C for x in per_layer]
-        return 0.0, [x + C + 6 * C * C for x in per_layer]
+        outside = [Linear(N, p * p * self.in_channels, C), Linear(1, 256, C), Linear(1, C, C), Linear(1, C, 2 * C),
+                   Linear(N, C, p * p * self.out_channels)]
+        return outside, [[Linear(1, C, 6 * C, silu=True)] for _ in range(self.depth)]
 
     # ------------------------------------------------------------------ conditioning
     @property
@@ -136,9 +136,10 @@ class DiT(CachedBackbone):
 
     # ------------------------------------------------------------------ forward
     def _block(self, i: int, blk: DiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = blk.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.site(i, "attn", blk.attn, modulate(blk.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.site(i, "mlp", blk.mlp, modulate(blk.norm2(x), shift_mlp, scale_mlp))
+        # (B, 1, C) each: broadcast over tokens inside the fused kernels, no per-branch unsqueeze copies
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = blk.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        x = residual(x, gate_msa, self.site(i, "attn", Branch(blk.attn, x, blk.norm1, shift_msa, scale_msa)))
+        x = residual(x, gate_mlp, self.site(i, "mlp", Branch(blk.mlp, x, blk.norm2, shift_mlp, scale_mlp)))
         return x
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,7 +255,7 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 _CONFIGS["tiny_dit"] = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 # the offline demo teacher (assets/mnist_dit.pt): 32x32 grey pixels, patch 4 -> 64 tokens, learned sigma
 _CONFIGS["mnist_dit"] = dict(input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
-                             num_classes=10, learn_sigma=True)
+                             num_classes=10, learn_sigma=True, clip_denoised=True)
 
 
 VARIANTS: dict[str, Callable[..., DiT]] = make_variants(DiT, _CONFIGS)

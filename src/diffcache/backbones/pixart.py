@@ -13,9 +13,11 @@ and ``PixArt_blocks.py`` (the non-multi-scale model used at 256 and 512), so the
   learned null caption ``y_embedder.y_embedding`` (token_num x caption_channels, a persistent buffer).
 * Block ``i``::
 
-      x += gate_msa * site(i, "attn",  attn,       t2i_modulate(norm1(x), shift_msa, scale_msa))
-      x +=            site(i, "xattn", cross_attn, x, y, mask)      # query = un-normalised x, no gate
-      x += gate_mlp * site(i, "mlp",   mlp,        t2i_modulate(norm2(x), shift_mlp, scale_mlp))
+      x += gate_msa * site(i, "attn",  attn       on t2i_modulate(norm1(x), shift_msa, scale_msa))
+      x +=            site(i, "xattn", cross_attn on x, y, mask)     # query = un-normalised x, no gate
+      x += gate_mlp * site(i, "mlp",   mlp        on t2i_modulate(norm2(x), shift_mlp, scale_mlp))
+
+  each branch handed to the site unevaluated (:class:`~.base.Branch`), each gated add one ``addcmul``.
 
 * ``final_layer``: norm_final, ``t2i_modulate`` with ``scale_shift_table (2, D) + t`` (the embedding
   before ``t_block``), ``linear`` -> unpatchify to ``2 * in_channels`` channels (learned sigma).
@@ -35,7 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .base import CachedBackbone, make_variants
+from .base import Branch, CachedBackbone, Linear, make_variants, residual
 from .layers import Attention, CrossAttention, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 
 
@@ -288,15 +290,13 @@ class PixArt(CachedBackbone):
         return out
 
     # ------------------------------------------------------------------ cost
-    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
-        """adaLN-single: outside the blocks patch embed, t embedder + t_block (6 C^2), caption MLP, final linear."""
-        _, per_layer = super().fixed_cost(convention)
-        if convention != "l2c":
-            return 0.0, per_layer
+    def fixed_linears(self) -> tuple[list[Linear], list[list[Linear]]]:
+        """adaLN-single: outside the blocks patch embed, t embedder + t_block (C -> 6C), caption MLP, final
+        linear; nothing per layer."""
         C, N, p, L, Cc = self.hidden_size, self.num_tokens, self.patch_size, self.token_num, self.caption_channels
-        outside = (N * p * p * self.in_channels * C + 256 * C + C * C + 6 * C * C + L * (Cc * C + C * C)
-                   + N * C * p * p * self.out_channels)
-        return float(outside), per_layer
+        outside = [Linear(N, p * p * self.in_channels, C), Linear(1, 256, C), Linear(1, C, C), Linear(1, C, 6 * C),
+                   Linear(L, Cc, C), Linear(L, C, C), Linear(N, C, p * p * self.out_channels)]
+        return outside, [[] for _ in range(self.depth)]
 
     # ------------------------------------------------------------------ conditioning
     def random_cond(self, batch: int, generator: torch.Generator):
@@ -347,9 +347,9 @@ class PixArt(CachedBackbone):
         B = x.shape[0]
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
             blk.scale_shift_table[None] + t0.reshape(B, 6, -1)).chunk(6, dim=1)  # (B, 1, D) each
-        x = x + gate_msa * self.site(i, "attn", blk.attn, t2i_modulate(blk.norm1(x), shift_msa, scale_msa))
-        x = x + self.site(i, "xattn", blk.cross_attn, x, y, mask)
-        x = x + gate_mlp * self.site(i, "mlp", blk.mlp, t2i_modulate(blk.norm2(x), shift_mlp, scale_mlp))
+        x = residual(x, gate_msa, self.site(i, "attn", Branch(blk.attn, x, blk.norm1, shift_msa, scale_msa)))
+        x = x + self.site(i, "xattn", Branch(blk.cross_attn, x, args=(y, mask)))
+        x = residual(x, gate_mlp, self.site(i, "mlp", Branch(blk.mlp, x, blk.norm2, shift_mlp, scale_mlp)))
         return x
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import CachedBackbone, make_variants
+from .base import Branch, CachedBackbone, Linear, make_variants
 from .layers import Attention, Mlp, PatchEmbed, sinusoid_dtype, timestep_embedding
 
 
@@ -143,20 +143,18 @@ class UViT(CachedBackbone):
                 nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ cost
-    def fixed_cost(self, convention: str) -> tuple[float, list[float]]:
-        """Skip linears of the out-blocks (2T x 2C -> C); outside: patch embed, time MLP, decoder, 3x3 conv."""
-        _, per_layer = super().fixed_cost(convention)
-        C, N, p = self.hidden_size, self.num_tokens, self.patch_size
-        T = N + self.num_prefix_tokens
-        skip = T * 2 * C * C if convention == "l2c" else 2 * T * 2 * C * C
-        d = self.depth // 2
-        per_layer = [x + (skip if layer > d and self.out_blocks[layer - d - 1].skip_linear is not None else 0)
-                     for layer, x in enumerate(per_layer)]
-        if convention != "l2c":
-            return 0.0, per_layer
-        t = (C * 4 * C + 4 * C * C) if self.config["mlp_time_embed"] else 0
-        conv = self.input_size ** 2 * 9 * self.in_channels ** 2 if self.config["conv"] else 0
-        return float(N * p * p * self.in_channels * C + t + T * C * p * p * self.in_channels + conv), per_layer
+    def fixed_linears(self) -> tuple[list[Linear], list[list[Linear]]]:
+        """Skip linears of the out-blocks (T x 2C -> C); outside: patch embed, time MLP, decoder, 3x3 conv."""
+        C, N, p, c_in = self.hidden_size, self.num_tokens, self.patch_size, self.in_channels
+        T, d = N + self.num_prefix_tokens, self.depth // 2
+        per_layer = [[Linear(T, 2 * C, C)] if layer > d and self.out_blocks[layer - d - 1].skip_linear is not None
+                     else [] for layer in range(self.depth)]
+        outside = [Linear(N, p * p * c_in, C), Linear(T, C, p * p * c_in)]
+        if self.config["mlp_time_embed"]:
+            outside += [Linear(1, C, 4 * C), Linear(1, 4 * C, C)]
+        if self.config["conv"]:
+            outside.append(Linear(self.input_size ** 2, 9 * c_in, c_in))
+        return outside, per_layer
 
     # ------------------------------------------------------------------ conditioning
     @property
@@ -175,8 +173,8 @@ class UViT(CachedBackbone):
     def _block(self, layer: int, blk: UViTBlock, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if blk.skip_linear is not None:
             x = blk.skip_linear(torch.cat([x, skip], dim=-1))  # always recomputed, never a cache site
-        x = x + self.site(layer, "attn", blk.attn, blk.norm1(x))
-        x = x + self.site(layer, "mlp", blk.mlp, blk.norm2(x))
+        x = x + self.site(layer, "attn", Branch(blk.attn, x, blk.norm1))
+        x = x + self.site(layer, "mlp", Branch(blk.mlp, x, blk.norm2))
         return x
 
     def embed(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
@@ -244,7 +242,8 @@ _CONFIGS: dict[str, dict[str, Any]] = {
                       mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=11, conv=True),
     # the offline demo teacher (assets/mnist_uvit.pth): 32x32 grey pixels, patch 4; 10 classes + null class 10
     "mnist_uvit": dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4,
-                       mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=11, conv=True),
+                       mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=11, conv=True,
+                       clip_denoised=True),
 }
 _ALIASES = {"U-ViT-H/2-512": "U-ViT-H/4", "U-ViT-L/2-512": "U-ViT-L/4"}
 

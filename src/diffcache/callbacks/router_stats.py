@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ..metrics.cost import policy_cost
 from ..utils.figures import save_figure
 
 
@@ -47,8 +48,6 @@ class RouterStats(L.Callback):
         self.every = every_n_steps
 
     def _emit(self, trainer: L.Trainer, module, in_step: bool = True) -> None:
-        from ..metrics.cost import policy_cost
-
         policy = module.policy
         stats = policy.summary()
         # whole-sampler MACs at the current theta (L2C convention, per image, no CFG doubling)

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .mnist import load_mnist
 from .seeded import sample_generator
 
 
@@ -167,8 +168,6 @@ class MNISTImages(Dataset):
     """The 4,000 train digits of the fixed split as ``{"x0": (1, 32, 32) in [-1, 1], "cond": label}``."""
 
     def __init__(self, backbone, split: str = "train"):
-        from .mnist import load_mnist
-
         expect = (backbone.in_channels, backbone.input_size, backbone.input_size)
         if expect != (1, 32, 32) or backbone.text_conditioned:
             raise ValueError(f"data=mnist holds 1x32x32 class-labelled digits, backbone "

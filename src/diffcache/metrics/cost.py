@@ -26,7 +26,8 @@ LayerNorms, U-ViT skip linears, embedders) are always paid.
 
 ``policy_cost`` works from the planner alone: pass a backbone instance, a variant name (instantiated on
 the ``meta`` device, no memory), or a mapping of constructor arguments with ``family``. The costs that
-differ between families (adaLN, skip linears, embedders) come from each class's ``fixed_cost``.
+differ between families (adaLN, skip linears, embedders) are the shapes each class lists in ``fixed_linears``;
+the conventions above are applied here.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..backbones.base import SiteLayout
+from ..backbones import build_backbone, from_mapping
+from ..backbones.base import Linear, SiteLayout
 
 CONVENTIONS = ("l2c", "toca")
 
@@ -43,7 +45,7 @@ CONVENTIONS = ("l2c", "toca")
 @dataclass(frozen=True)
 class BackboneSpec:
     """What the counter needs, read once from a backbone: its :class:`SiteLayout`, widths, and the
-    family's fixed (never cached) costs from ``backbone.fixed_cost`` (per sample)."""
+    family's fixed (never cached) costs from ``backbone.fixed_linears`` (per sample)."""
 
     layout: SiteLayout
     hidden_size: int
@@ -75,8 +77,6 @@ def _instance(backbone: Any):
     """A backbone from a variant name or a mapping of constructor arguments (on the meta device)."""
     import torch
 
-    from ..backbones import build_backbone, from_mapping
-
     with torch.device("meta"):
         return build_backbone(backbone) if isinstance(backbone, str) else from_mapping(backbone)
 
@@ -92,10 +92,19 @@ def backbone_spec(backbone: Any, text_len: int | None = None) -> BackboneSpec:
     if "xattn" in layout.site_kinds and L <= 0:
         raise ValueError("the cost of a cross-attention backbone needs the caption length: backbone.token_num or "
                          "text_len=")
-    (o_l2c, f_l2c), (o_toca, f_toca) = backbone.fixed_cost("l2c"), backbone.fixed_cost("toca")
+    outside, per_layer = backbone.fixed_linears()
+    norms = 2.0 * (layout.num_tokens + layout.num_prefix_tokens) * int(backbone.hidden_size)  # toca: LayerNorms
     return BackboneSpec(layout=layout, hidden_size=int(backbone.hidden_size), num_heads=int(backbone.num_heads),
-                        mlp_ratio=float(backbone.mlp_ratio), text_len=L, outside=(float(o_l2c), float(o_toca)),
-                        layer_fixed=(tuple(f_l2c), tuple(f_toca)), guidance_off=float(backbone.guidance_off))
+                        mlp_ratio=float(backbone.mlp_ratio), text_len=L,
+                        outside=(float(sum(lin.macs for lin in outside)), 0.0),  # toca: embedders excluded
+                        layer_fixed=(tuple(float(sum(lin.macs for lin in layer)) for layer in per_layer),
+                                     tuple(norms + sum(map(_toca_flops, layer)) for layer in per_layer)),
+                        guidance_off=float(backbone.guidance_off))
+
+
+def _toca_flops(lin: Linear) -> float:
+    """ToCa's counter: adaLN ``BC + 6BC^2`` (SiLU, then one FLOP per MAC); any other linear two per MAC."""
+    return float(lin.fan_in + lin.macs) if lin.silu else 2.0 * lin.macs
 
 
 # =============================================================================================== per branch

@@ -15,15 +15,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.mnist import load_mnist
+from ..utils.resolvers import assets_dir
+from .classifier import load_classifier
 from .generative import FeaturesAndLogits, QualityMetrics, to_uint8
 from .reference import ReferenceStats, reference_from_images
 
-DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[3] / "assets" / "mnist_classifier.pt"
+DEFAULT_CLASSIFIER = assets_dir() / "mnist_classifier.pt"
 
 
 def mnist_extractor(classifier: str | os.PathLike | None = None) -> FeaturesAndLogits:
     """The shipped classifier as an extractor: features = ``fc(body(x))`` (128-d), logits = ``head``."""
-    from ..modules.classifier import load_classifier
 
     clf = load_classifier(classifier or DEFAULT_CLASSIFIER)
     ext = FeaturesAndLogits(nn.Sequential(clf.body, clf.fc), clf.head, (1, 32, 32), input="signed")
@@ -33,7 +35,6 @@ def mnist_extractor(classifier: str | os.PathLike | None = None) -> FeaturesAndL
 
 def mnist_reference(extractor: nn.Module, split: str = "heldout") -> ReferenceStats:
     """Statistics of a fixed MNIST split, quantised to uint8 exactly as samples are (lossless for MNIST)."""
-    from ..data.mnist import load_mnist
 
     x, _ = load_mnist(split)
     return reference_from_images(to_uint8(x), extractor, batch_size=500, source=f"mnist:{split}")

@@ -25,6 +25,8 @@ import math
 import lightning as L
 import torch
 
+from ..policies.l2c.schedule import make_schedule
+
 log = logging.getLogger(__name__)
 
 DRAWS = ("batch", "sample", "trajectory")
@@ -144,8 +146,6 @@ def recipe_reach(cfg) -> tuple[str | None, bool]:
     states as ``module.updates_per_router`` is what falls short, an error rather than the warning a
     ``trainer.max_steps`` cap below it gets)."""
     from hydra.utils import instantiate
-
-    from ..policies.l2c.schedule import make_schedule
 
     module, trainer = cfg.module, cfg.trainer
     lr = float(module.optimizer.lr)

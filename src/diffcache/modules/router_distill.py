@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import lightning as L
 import torch
 
 from ..denoiser import Denoiser
+from ..policies.l2c import provenance
 from ..sampling import advance
 from .convergence import DRAWS, RouterConvergence, logit_distance
 from .distill_steps import cached_step_scales, step_mse, stratified_picks, trajectory_terms
@@ -139,7 +140,6 @@ class RouterDistill(QualityValidation, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming: refuse a checkpoint made with another solver, interval or backbone (provenance)."""
-        from ..policies.l2c import provenance
 
         meta = checkpoint.get("diffcache")
         provenance.check(provenance.file_record("lightning", lightning=meta) if meta else None,

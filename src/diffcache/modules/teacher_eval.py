@@ -13,45 +13,42 @@ from pathlib import Path
 
 import torch
 
-from .teacher_pretrain import CONF, grid_solver, official_file_name
+from ..backbones import load_backbone
+from ..data.mnist import load_mnist
+from ..data.seeded import seeded_noise, step_generators
+from ..metrics.generative import to_uint8
+from ..metrics.mnist import build_mnist_metrics
+from ..sampling import sample
+from .diffusion_loss import GaussianDiffusionLoss
+from .teacher_pretrain import CONF, grid_solver
 
 
 @torch.no_grad()
 def generate(backbone, labels: torch.Tensor, guidance: float | None, schedule: str, time_input: str,
              seed: int = 0, batch: int = 250) -> torch.Tensor:
     """CFG samples with the family's 20-evaluation sampler; noise of sample i seeded by (seed, i)."""
-    from ..sampling import sample
 
     solver = grid_solver(backbone, schedule, 20, time_input)
-    shape = (backbone.in_channels, backbone.input_size, backbone.input_size)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-                         for i in range(len(labels))])
-    out = [sample(backbone, solver, None, noise[i:i + batch], labels[i:i + batch], guidance)
+    noise = seeded_noise((backbone.in_channels, backbone.input_size, backbone.input_size), range(len(labels)), seed)
+    out = [sample(backbone, solver, None, noise[i:i + batch], labels[i:i + batch], guidance,
+                  generator=step_generators(range(i, min(i + batch, len(labels))), seed))
            for i in range(0, len(labels), batch)]
     return torch.cat(out).clamp(-1, 1)
 
 
 def load_teacher(name: str, assets: str | Path):
-    """(the shipped teacher ``name`` from ``assets/``, its backbone config), sampling as configured (x0 clip)."""
+    """(the shipped teacher ``name`` from ``assets/``, its backbone config), sampling by the variant's convention."""
     from omegaconf import OmegaConf
 
-    from ..backbones import load_backbone, load_checkpoint
-
     cfg = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
-    backbone = load_backbone(cfg.arch, random_init=True)
-    load_checkpoint(backbone, str(Path(assets) / official_file_name(backbone, name)))
-    backbone.clip_denoised = bool(cfg.get("clip_denoised", False))
-    return backbone, cfg
+    ckpt = Path(assets) / Path(OmegaConf.to_container(cfg)["ckpt"]).name  # the config's file, in ``assets``
+    return load_backbone(cfg.arch, ckpt=str(ckpt)), cfg
 
 
 def evaluate_teacher(name: str, assets: str | Path, n_per_class: int = 100, guidance: float | None = None,
                      seed: int = 0) -> dict:
     """Sample ``n_per_class`` digits per class from ``assets/<teacher>``; accuracy, MNIST-FID/IS and floors."""
     from torchvision.utils import save_image
-
-    from ..data.mnist import load_mnist
-    from ..metrics.generative import to_uint8
-    from ..metrics.mnist import build_mnist_metrics
 
     assets = Path(assets)
     backbone, cfg = load_teacher(name, assets)
@@ -92,8 +89,6 @@ def denoising_profile(name: str, assets: str | Path, timesteps=(100, 300, 500, 7
     with the right label, a wrong one (``y + 1 mod 10``) and the null class, next to the x0-MSE of the trivial
     predictors (the class-mean and the global-mean train image). A teacher worse than the class mean at high
     noise has not learned the global layout, and its samples land in the wrong class."""
-    from ..data.mnist import load_mnist
-    from .diffusion_loss import GaussianDiffusionLoss
 
     bb, cfg = load_teacher(name, assets)
     d = GaussianDiffusionLoss(cfg.schedule, 1000)

@@ -24,9 +24,15 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..backbones import build_backbone, load_checkpoint
+from ..data.mnist import MNISTDataModule
+from ..sampling import sample
+from ..solvers.ddim import DDIM
+from ..solvers.dpm_solver import DPMSolver2
+from ..utils.resolvers import conf_dir
 from .diffusion_loss import GaussianDiffusionLoss
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
+CONF = conf_dir()
 def official_file_name(backbone, name: str) -> str:
     """The official file name: DiT ships ``.pt``, U-ViT ``nnet`` ``.pth`` (the backbone's checkpoint suffix)."""
     return f"{name}{backbone.checkpoint_suffix}"
@@ -35,10 +41,8 @@ def official_file_name(backbone, name: str) -> str:
 def grid_solver(backbone, schedule: str, num_steps: int = 20, time_input: str = "scaled"):
     """The family's sampler for sample grids: DDIM-20 for learned-sigma DiTs, DPM-Solver-2 with 20 NFE (U-ViT)."""
     if backbone.learn_sigma:
-        from ..solvers.ddim import DDIM
 
         return DDIM(num_steps, schedule=schedule)
-    from ..solvers.dpm_solver import DPMSolver2
 
     return DPMSolver2(num_steps, schedule=schedule, prediction="x0", time_input=time_input)
 
@@ -124,8 +128,6 @@ class TeacherPretrain(L.LightningModule):
         """A (grid_per_class x 10) grid from the EMA weights, one column per class; saved as PNG + export."""
         from torchvision.utils import save_image
 
-        from ..sampling import sample
-
         n = self.grid_per_class
         y = torch.arange(10, device=self.device).repeat(n)
         g = torch.Generator().manual_seed(self.seed + 1234)
@@ -171,15 +173,11 @@ def train_teacher(name: str, overrides: list[str] | None, out_dir: Path, log_dir
 
     from omegaconf import OmegaConf
 
-    from ..backbones import build_backbone
-    from ..data.mnist import MNISTDataModule
-
     cfg = teacher_config(name, overrides)
     L.seed_everything(int(cfg.seed), workers=True)
     backbone = build_backbone(cfg.arch)
     backbone.clip_denoised = bool(cfg.clip_denoised)  # the grids sample as the configured teacher does
     if cfg.get("init"):  # warm start (stage 2 of the recipe): weights, and so the EMA, start from a state dict
-        from ..backbones import load_checkpoint
 
         load_checkpoint(backbone, cfg.init)
     module = TeacherPretrain(backbone, out_dir=str(out_dir), export_name=official_file_name(backbone, name),

@@ -26,13 +26,16 @@ import math
 import torch
 
 from ..data.seeded import seeded_inputs
+from ..denoiser import Denoiser
+from ..metrics.cost import policy_cost
+from ..policies.l2c import L2CPolicy
 from ..sampling import advance, sample
+from ..search import ScheduleSearch
+from .objectives import budget_shift
 
 
 def cache_budget(backbone, solver, policy, budget: float) -> float:
     """The fraction of cache-step branch MACs to keep (``policy.budget``) for ``budget`` of the sampler's MACs."""
-    from ..metrics.cost import policy_cost
-    from ..policies.l2c import L2CPolicy
 
     full = policy_cost(backbone, solver, None)["macs"]
     every = L2CPolicy(budget=0.0, cache_interval=policy.cache_interval, layout=backbone.layout, solver=solver)
@@ -47,7 +50,6 @@ def cache_budget(backbone, solver, policy, budget: float) -> float:
 @torch.no_grad()
 def fully_cached_error(backbone, solver, policy, guidance, num_samples: int = 8, seed: int = 0) -> float:
     """MSE of the fully-cached sampler's final samples against the teacher's, on a seeded set (the scale)."""
-    from ..policies.l2c import L2CPolicy
 
     device = next(backbone.parameters()).device
     noise, cond = seeded_inputs(backbone, range(num_samples), seed, device)
@@ -77,7 +79,6 @@ def search_init(backbone, solver, policy, budget: float, guidance, num_samples: 
                 margin: float = 1.0, centre: float = 0.0) -> dict:
     """Set the logits from the DP-searched reuse mask at ``budget`` (sampler MACs): ``centre + margin`` computed,
     ``centre - margin`` reused; returns the search summary."""
-    from ..policies.search import ScheduleSearch
 
     device = str(next(backbone.parameters()).device)
     search = ScheduleSearch(budget=budget, method="dp", proxy="final", num_samples=num_samples, seed=seed,
@@ -118,7 +119,6 @@ class TrajectoryObjective:
     def setup(self, module, fresh: bool) -> None:
         """Budget in ``policy.budget`` units (the hard mask the convergence rule watches), the loss scale and,
         on a fresh run, the search initialisation."""
-        from ..denoiser import Denoiser
 
         bb, solver, policy = module.backbone, module.solver, module.policy
         self.kept = cache_budget(bb, solver, policy, self.budget)
@@ -137,7 +137,6 @@ class TrajectoryObjective:
 
     def step(self, module, B: int, cond, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         """One iteration: the teacher's final samples, then the student's under the budget's top-k routing."""
-        from .objectives import budget_shift
 
         bb, solver, policy = module.backbone, module.solver, module.policy
         seed = int(torch.randint(2**31 - 1, (1,), generator=g))

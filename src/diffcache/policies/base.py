@@ -14,35 +14,13 @@ store it: the no-grad prefix of router training) and :meth:`inference` (hard rou
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class StepContext:
-    """Where a backbone call sits in a sampling run.
-
-    nfe: 0-based model-evaluation index (a CFG pass pair shares one nfe).
-    step: 0-based solver step (0 = noisiest); DPM-Solver-2 singlestep has two nfe per step.
-    num_steps / num_evals: totals for the run.
-    timestep: the backbone's time input for this evaluation.
-    branch: "cond" | "uncond" (separate CFG passes, U-ViT) or "all" (one batch, or no CFG).
-    cfg_layout: how "all" batches stack CFG halves: "cond_uncond" (DiT), "uncond_cond" (PixArt) or None.
-    """
-
-    nfe: int
-    step: int
-    num_steps: int
-    num_evals: int
-    timestep: float = 0.0
-    branch: str = "all"
-    cfg_layout: str | None = None
-
-    def with_branch(self, branch: str) -> "StepContext":
-        return replace(self, branch=branch)
+from ..backbones.base import Branch, as_branch
+from ..context import StepContext
 
 
 class CachePolicy(nn.Module):
@@ -124,13 +102,17 @@ class CachePolicy(nn.Module):
             self.train(prev)
 
     # ------------------------------------------------------------------ the hook
-    def site(self, layer: int, kind: str, module: Callable[..., torch.Tensor], h: torch.Tensor, *args: Any) -> torch.Tensor:
+    def site(self, layer: int, kind: str, branch: Branch | Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
+        """The backbone's hook: ``branch`` is a :class:`~diffcache.backbones.base.Branch` (or the older
+        ``module, h, *args``). A policy computes it (``branch()``), on some tokens (``branch(idx)``), or
+        returns a cached output without touching it (then the branch's input is never computed)."""
+        branch = as_branch(branch, inputs)
         if not self._enabled or self.ctx is None:
-            return module(h, *args)
-        return self.apply(layer, kind, module, h, *args)
+            return branch()
+        return self.apply(layer, kind, branch)
 
-    def apply(self, layer: int, kind: str, module, h: torch.Tensor, *args: Any) -> torch.Tensor:
-        return module(h, *args)
+    def apply(self, layer: int, kind: str, branch: Branch) -> torch.Tensor:
+        return branch()
 
     # ------------------------------------------------------------------ reporting
     def compute_mask(self, layout, solver) -> dict[tuple[int, int, str], float] | None:
@@ -141,16 +123,3 @@ class CachePolicy(nn.Module):
     def summary(self, layout=None, solver=None) -> dict[str, float]:
         """Flat floats describing what the policy does (for run summaries and loggers)."""
         return {}
-
-
-@contextlib.contextmanager
-def run_with(policy: CachePolicy | None, backbone, solver) -> Iterator[CachePolicy | None]:
-    """``policy.bound(backbone, solver)`` with hard routing, or the uncached backbone when ``policy`` is None."""
-    if policy is None:
-        if backbone.policy is not None:
-            raise RuntimeError(f"{type(backbone).__name__} is bound to {type(backbone.policy).__name__} by another "
-                               f"run; an uncached run cannot nest inside it")
-        yield None
-        return
-    with policy.bound(backbone, solver), policy.inference():
-        yield policy

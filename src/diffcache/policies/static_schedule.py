@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from .l2c.policy import L2CPolicy
+from .l2c.schedule import make_schedule
+
 FORMAT = "diffcache-static-schedule/v1"
 POLARITY = "1 = compute"
 BIG = 10.0
@@ -114,8 +117,6 @@ def router_from_schedule(sched: dict, layout, solver, cache_interval: int = 2):
     Expressible means: every evaluation that reuses anything is a cache evaluation of the L2C schedule
     with this ``cache_interval``, and its source (the evaluation it reuses) is the last all-ones row.
     """
-    from .l2c.policy import L2CPolicy
-    from .l2c.schedule import make_schedule
 
     sched = read_schedule(sched)
     mask = sched["mask"]

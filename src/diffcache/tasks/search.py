@@ -8,18 +8,19 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..policies.search.plot import schedule_heatmap
-from ..utils.build import build_backbone, build_solver
+from ..backbones import from_config
+from ..search.plot import schedule_heatmap
+from ..utils.build import build_solver
 
 log = logging.getLogger(__name__)
 
 
 def search(cfg: DictConfig) -> dict:
     """Measure the error table, select under the budget, write router / table / summary / heatmap; after
-    Ctrl-C, ``error_table.partial.json`` and ``{"interrupted": True}`` (``search.py`` exits with 130)."""
+    Ctrl-C, ``error_table.partial.json`` and ``{"partial": True}`` (``search.py`` exits with 130)."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = build_backbone(cfg.backbone)
+    backbone = from_config(cfg.backbone)
     solver = build_solver(cfg.solver)
     searcher = instantiate(cfg.searcher)
     try:
@@ -52,4 +53,4 @@ def _interrupted(searcher, out: Path) -> dict:
             if not o.startswith("searcher.table=")]
     log.warning("interrupted: %d of %d error-table entries measured, kept in %s; continue with:\n  %s", done, total,
                 path, resume_command([*args, f"searcher.table={path}"], None, "search.py"))
-    return {"interrupted": True, "partial_table": str(path)}
+    return {"partial": True, "partial_table": str(path)}

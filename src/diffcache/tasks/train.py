@@ -17,16 +17,21 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig, OmegaConf
 
-from ..utils.build import build_backbone, build_callbacks, build_loggers, build_policy, build_solver
-from lightning.pytorch.callbacks import Timer
-
+from ..backbones import from_config
 from ..callbacks.progress import StepProgress
 from ..callbacks.resume import StopOnInterrupt, resume_command
+from ..metrics.cost import policy_cost
+from ..modules.convergence import RouterConvergence, updates_per_iteration
+from ..utils.build import build_callbacks, build_loggers, build_policy, build_solver
 from ..utils.console import model_summary_line, setup_console
-from ..utils.inputs import check_router_fits
+from ..utils.hashing import file_sha256
+from .compare import compare, report
+from .inputs import check_router_fits
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,6 @@ def router_cache_dir(cfg) -> Path | None:
     """Where this run's router is kept for reuse: keyed by the teacher's weights (sha256) and every setting
     that shapes the router (not paths, loggers, callbacks, metrics or the comparison); None when the
     teacher is random weights, a resume is asked for, or ``router_cache`` is null."""
-    from ..utils.hashing import file_sha256
 
     root, ckpt = cfg.get("router_cache"), cfg.backbone.get("ckpt")
     if not root or not ckpt or not Path(ckpt).is_file() or cfg.get("ckpt_path"):
@@ -67,12 +71,12 @@ def _reuse_router(cache: Path | None, out: Path) -> dict | None:
 
 def train(cfg: DictConfig) -> dict:
     """Train a cache router; returns the final metrics (also written to ``summary.json``), with
-    ``interrupted: True`` after Ctrl-C (``train.py`` then exits with status 130)."""
+    ``partial: True`` after Ctrl-C (``train.py`` then exits with status 130)."""
     setup_console()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = build_backbone(cfg.backbone)
+    backbone = from_config(cfg.backbone)
     solver = build_solver(cfg.solver)
     policy = build_policy(cfg.policy)
     if not hasattr(policy, "sum_beta"):
@@ -107,7 +111,7 @@ def train(cfg: DictConfig) -> dict:
             log.info("router saved to %s", router_path)
             _store(cache, out)
             _compare(cfg, backbone.to(module.device), solver, router_path, out, train_s)
-    return {**metrics, "interrupted": True} if interrupted else metrics
+    return {**metrics, "partial": interrupted}
 
 
 def _fit(cfg, backbone, solver, policy, out: Path):
@@ -148,14 +152,12 @@ def _resume_note(datamodule) -> None:
 
 
 def _ckpt_step(path: Path):
-    import torch
 
     return torch.load(path, map_location="cpu", weights_only=False).get("global_step") if path.is_file() else None
 
 
 def _planned_steps(module, datamodule, cfg) -> int | None:
     """The iterations ``module.updates_per_router`` stands for (the bar's total when max_steps is open)."""
-    from ..modules.convergence import updates_per_iteration
 
     if not module.updates_per_router:
         return None
@@ -180,17 +182,12 @@ def _store(cache: Path | None, out: Path) -> None:
 def _compare(cfg, backbone, solver, router_path: Path, out: Path, train_s: float | None = None) -> None:
     if not cfg.get("compare"):
         return
-    from .compare import compare, write_table
-
-    rows = compare(cfg, backbone, solver, router_path, out, None if train_s is None else {"train_s": round(train_s, 2)})
-    print(f"\n{write_table(rows, out / 'comparison')}\nsaved: {out / 'comparison.md'} (.csv, .json), "
-          f"samples {out / 'comparison_samples.png'}, router {router_path}, heatmaps {out / 'router_heatmaps'}, "
-          f"validation grids {out / 'val_samples'}")
+    compare(cfg, backbone, solver, router_path, out, None if train_s is None else {"train_s": round(train_s, 2)})
+    print(report(out))
 
 
 def _length_report(trainer, module, interrupted: bool = False) -> dict:
     """Updates per router (least / most trained) and why training stopped, logged and kept in the summary."""
-    from ..modules.convergence import RouterConvergence
 
     cb = next((c for c in trainer.callbacks if isinstance(c, RouterConvergence)), None)
     if cb is None:
@@ -206,7 +203,6 @@ def _length_report(trainer, module, interrupted: bool = False) -> dict:
 
 def _macs(backbone, solver, policy) -> dict:
     """Whole-sampler MACs of the trained router at its theta, as evaluate.py names them."""
-    from ..metrics.cost import policy_cost
 
     cost = policy_cost(backbone, solver, policy)
     return {"macs_fraction": float(cost["macs_ratio"]), "speedup_macs": float(cost["speedup_macs"])}

@@ -1,41 +1,10 @@
 """Config -> objects, with Hydra as the factory: every group node names its class with ``_target_``.
 
-Only the backbone needs more than ``instantiate``: its node also carries settings that other groups
-and the tasks read (weights, guidance, noise schedule, x0 clipping), which are not
-constructor arguments; they are listed once, in :data:`BACKBONE_RUN_KEYS`.
+The backbone needs more than ``instantiate`` (weights, x0 clipping): :func:`diffcache.backbones.from_config`.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
-BACKBONE_RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "vae",
-                     "vae_scale", "clip_denoised")
-
-
-def _plain(cfg) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-
-
-def build_backbone(cfg):
-    """Instantiate ``backbone._target_`` (a :class:`~diffcache.backbones.base.CachedBackbone` subclass or
-    factory), then load ``backbone.ckpt`` strictly; the result is in eval mode (a frozen teacher)."""
-    from ..backbones import check_weights_given, load_checkpoint
-
-    c = _plain(cfg)
-    run = {k: c.pop(k) for k in BACKBONE_RUN_KEYS if k in c}
-    if "_target_" not in c:
-        raise ValueError("the backbone config needs _target_ (e.g. diffcache.backbones.build_backbone with arch=, "
-                         "or your own CachedBackbone subclass)")
-    check_weights_given(c.get("arch"), run.get("ckpt"), bool(run.get("random_init", False)))
-    model = instantiate(c, **(run.get("overrides") or {}))
-    if run.get("ckpt"):
-        load_checkpoint(model, run["ckpt"])
-    if run.get("clip_denoised") is not None:
-        model.clip_denoised = bool(run["clip_denoised"])
-    return model.eval()
 
 
 def build_solver(cfg):

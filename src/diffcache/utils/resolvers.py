@@ -10,6 +10,7 @@ the checkout's root (``paths.root_dir`` when ``PROJECT_ROOT`` is unset).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -55,10 +56,18 @@ def run_name(backbone, solver, policy, choice=None) -> str:
 def project_root() -> str:
     """The checkout this package runs from (it holds ``conf/`` and ``assets/``), else the working directory:
     ``paths.root_dir`` then finds the shipped teachers from any working directory."""
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[3]
     return str(root) if (root / "conf" / "train.yaml").is_file() else str(Path.cwd())
+
+
+def conf_dir() -> Path:
+    """The one place ``conf/`` is looked up (the configs' backbone files are read outside Hydra too)."""
+    return Path(project_root()) / "conf"
+
+
+def assets_dir() -> Path:
+    """The shipped teachers and classifier (``assets/``)."""
+    return Path(project_root()) / "assets"
 
 
 def register() -> None:

@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from . import provenance
+
 FORMATS = ("dit", "uvit")
 _KEY = re.compile(r"^(\d+)\.prob$")
 
@@ -165,8 +167,6 @@ def check_finite(logits: Sequence[torch.Tensor], where: str) -> None:
 
 
 def _load(path: Path, weights_only: bool) -> OfficialRouters:
-    from . import provenance
-
     if not path.is_file():
         raise FileNotFoundError(f"router checkpoint not found: {path}")
     obj = _torch_load(path, weights_only)
@@ -260,7 +260,6 @@ def save_official(path: str | os.PathLike, logits: Sequence[torch.Tensor], fmt: 
     ``Namespace(num_sampling_steps=N, ste_threshold=None)``. U-ViT: the bare router state dict. ``record``
     (:func:`.provenance.run_record`) goes into ``args.diffcache`` (DiT) or a ``.meta.json`` sidecar (U-ViT).
     """
-    from . import provenance
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown router format {fmt!r}; choose one of {FORMATS}")

@@ -22,6 +22,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ..modules.convergence import recipe_reach
+from .inputs import check_inputs
+
 log = logging.getLogger(__name__)
 
 
@@ -93,7 +96,6 @@ def check_policy_trains(policy) -> None:
 def check_recipe_reach(cfg: DictConfig) -> None:
     """A router recipe whose ``lr x updates per router`` cannot move a logit past theta: refused when the recipe
     states ``module.updates_per_router``, a loud warning when ``trainer.max_steps`` caps it (a smoke run)."""
-    from ..modules.convergence import recipe_reach
 
     try:
         problem, stated = recipe_reach(cfg)
@@ -166,8 +168,6 @@ def _run(cfg: DictConfig, run_dir_key: str) -> None:
             resume_in_place(cfg)
         check(cfg, run_dir_key)
         if run_dir_key == "hydra.run.dir":  # a sweep checks values per job: a bad one fails alone, in the table
-            from .inputs import check_inputs
-
             check_inputs(cfg)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         if os.environ.get("DIFFCACHE_DEBUG"):

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...data.seeded import seeded_inputs
-from ...metrics.cost import forward_cost, policy_cost
-from ..l2c.policy import L2CPolicy
-from ..l2c.schedule import make_schedule
+from ..data.seeded import seeded_inputs
+from ..metrics.cost import forward_cost, policy_cost
+from ..policies.l2c.policy import L2CPolicy
+from ..policies.l2c.schedule import make_schedule
 from . import select
 from .table import BIG, PROXIES, ErrorTable, measure_error_table
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.mnist import load_mnist
+
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -78,7 +80,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def train_classifier(epochs: int = 30, batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 5e-4,
                      seed: int = 0, log=print) -> tuple[MNISTClassifier, dict]:
     """Train on the ``train`` split with augmentation (AdamW, cosine LR); returns the model and its figures."""
-    from ..data.mnist import load_mnist
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...utils.figures import save_figure
+from ..utils.figures import save_figure
 
 
 def schedule_heatmap(table, reuse: np.ndarray, path, title: str = "") -> Path:

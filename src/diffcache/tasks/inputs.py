@@ -13,15 +13,17 @@ import struct
 import zipfile
 from pathlib import Path
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from ..backbones import meta_backbone
+from ..backbones.weights import WHERE_TO_GET
+from ..utils.build import build_policy
+from ..utils.cli import user_error
 
 
 def _build(node, setting: str):
     """``instantiate(node)``; a config error surfaces as the ValueError the class raised."""
-    from hydra.utils import instantiate
-
-    from .cli import user_error
-
     try:
         return instantiate(node)
     except Exception as e:  # noqa: BLE001 - an input error is re-raised plain, a bug with its traceback
@@ -74,8 +76,6 @@ def _check_json(path, setting: str) -> None:
 
 
 def _weights_hint(arch) -> str:
-    from ..backbones.weights import WHERE_TO_GET
-
     arch = str(arch or "")
     if arch.startswith("mnist"):
         return "the MNIST teachers ship in the repository's assets/ (git checkout assets/), or retrain them with `make teachers`"
@@ -83,24 +83,9 @@ def _weights_hint(arch) -> str:
     return f"get {WHERE_TO_GET[family]}" if arch and not arch.startswith("tiny") else ""
 
 
-def meta_backbone(node):
-    """The backbone of ``node`` on the meta device: its layout and conventions, no weights, no memory."""
-    import torch
-    from hydra.utils import instantiate
-
-    from .build import BACKBONE_RUN_KEYS, _plain
-
-    c = _plain(node)
-    run = {k: c.pop(k) for k in BACKBONE_RUN_KEYS if k in c}
-    with torch.device("meta"):
-        return instantiate(c, **(run.get("overrides") or {}))
-
-
 def check_router_fits(cfg: DictConfig, path, setting: str) -> None:
     """The router file (or Lightning checkpoint) at ``path`` drives this backbone and solver (same messages
     as the run: router length vs depth x kinds, steps, provenance)."""
-    from .build import build_policy
-
     check_file(path, setting)
     policy = build_policy(cfg.policy)
     if not hasattr(policy, "load_official"):

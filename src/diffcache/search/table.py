@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...denoiser import Denoiser
-from ...sampling import advance
-from ..l2c.policy import L2CPolicy
-from ..l2c.schedule import L2CSchedule, make_schedule
+from ..denoiser import Denoiser
+from ..policies.l2c.policy import L2CPolicy
+from ..policies.l2c.schedule import L2CSchedule, make_schedule
+from ..sampling import advance
 
 PROXIES = ("final", "step")
 BIG = 10.0  # |logit| of a decided site: sigmoid(10) = 0.99995, sigmoid(-10) = 4.5e-5, any theta in between works
