@@ -14,25 +14,20 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FAST = ["trainer.enable_progress_bar=false"]
-# train.py / evaluate.py / search.py default to the MNIST demo teacher (train: experiment=mnist_dit; evaluate:
-# with MNIST-FID on 200 samples); tests compose the groups alone on the tiny random backbone unless they choose
-# an experiment or a backbone
+# train.py / evaluate.py / search.py default to the MNIST demo teacher (experiment=mnist_dit / mnist_eval;
+# search: backbone=mnist_dit); tests compose the groups alone on the tiny random backbone unless they choose an
+# experiment or a backbone
 TINY = ["backbone=tiny_dit"]
-_TINY_EVAL = {"metrics": "none", "eval.num_samples": "8", "eval.batch_size": "4"}
 
 
 def with_tiny(name: str, overrides: list[str]) -> list[str]:
-    """``overrides`` plus, when they choose neither an experiment nor a backbone, ``backbone=tiny_dit`` (train:
-    ``experiment=none``; evaluate: no metrics, 8 samples, unless set)."""
+    """``overrides`` plus ``experiment=none`` for configs that pick no experiment, and ``backbone=tiny_dit`` for
+    those that pick neither an experiment nor a backbone (search has no experiment of its own)."""
     name = name.removesuffix(".py")
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     if "experiment" in keys or name not in ("train", "evaluate", "search"):
         return list(overrides)
-    extra = [] if "backbone" in keys else TINY
-    if name == "train":
-        extra = ["experiment=none", *extra]
-    elif name == "evaluate" and "backbone" not in keys:
-        extra += [f"{k}={v}" for k, v in _TINY_EVAL.items() if k not in keys]
+    extra = ([] if name == "search" else ["experiment=none"]) + ([] if "backbone" in keys else TINY)
     return [*overrides, *extra]  # after the flags (train.py -m ...: argparse takes one block of overrides)
 
 

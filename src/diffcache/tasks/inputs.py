@@ -62,6 +62,17 @@ def check_file(path, setting: str, hint: str = "") -> Path:
     return p
 
 
+def _check_metrics_fit(cfg: DictConfig) -> None:
+    """MNIST metrics (what the default experiments bring) on a teacher that does not sample MNIST digits."""
+    target = str(OmegaConf.select(cfg, "metrics.quality._target_") or "")
+    arch = str(OmegaConf.select(cfg, "backbone.arch") or "")
+    if "mnist" in target and arch and not arch.startswith("mnist"):
+        exp = "mnist_dit" if cfg.get("task_name") == "train" else "mnist_eval"
+        raise ValueError(f"metrics=mnist measures MNIST digits, but backbone={arch} does not sample them: the default "
+                         f"experiment={exp} brings them; add experiment=none (or the teacher's own experiment, or "
+                         f"metrics=fid_is)")
+
+
 def _check_json(path, setting: str) -> None:
     import json
 
@@ -104,6 +115,7 @@ def check_inputs(cfg: DictConfig) -> None:
         _build(cfg.solver, "solver")
     if cfg.get("policy") is not None:
         _build(cfg.policy, "policy")
+    _check_metrics_fit(cfg)
     ckpt = OmegaConf.select(cfg, "backbone.ckpt")
     if ckpt:
         check_file(ckpt, "backbone.ckpt", _weights_hint(OmegaConf.select(cfg, "backbone.arch")))
