@@ -71,6 +71,7 @@ class L2CPolicy(CachePolicy):
     """
 
     name = "l2c"
+    trainable = True
 
     def __init__(self, *, theta: float = 0.1, clamp: float | tuple[float, float] | None = None,
                  cache_interval: int = 2, budget: float | None = None, budget_mode: str = "global",
@@ -199,10 +200,6 @@ class L2CPolicy(CachePolicy):
     def trainable_evals(self, solver: Any = None) -> list[int]:
         """Cache evaluations (0-based NFE, sampling order): where router training draws its student step."""
         return self.schedule_for(solver).cache_evals()
-
-    def source_eval(self, nfe: int, solver: Any = None) -> int | None:
-        """The full evaluation whose outputs cache evaluation ``nfe`` reuses (what to record in training)."""
-        return self.schedule_for(solver).source[nfe]
 
     # ------------------------------------------------------------------ run state
     def reset(self) -> None:
