@@ -116,7 +116,7 @@ def test_bf16_router_training_step_keeps_activations_in_bf16():
     with pol.bound(m16, solver):
         pol.train(False)
         with torch.no_grad(), pol.recording():
-            den.raw(x, pol.source_eval(e, solver), solver, y)
+            den.raw(x, pol.schedule_for(solver).source[e], solver, y)
         pol.train(True)
         out = den.raw(x, e, solver, y)
     assert out.dtype == torch.float32
