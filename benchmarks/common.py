@@ -91,30 +91,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device, interval_s: floa
 
 
 # ============================================================================================ timing
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
-          warm: Callable[[], object] | None = None) -> dict[str, float]:
-    """Median (min-max) seconds over ``repeats`` calls after ``warmup`` calls (or one cheap ``warm()``);
-    the peak memory is the largest of the timed calls (the RSS watcher costs one thread's polling)."""
-    if warm is not None:
-        warm()
-    for _ in range(warmup):
-        fn()
-    times, mems = [], []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        _, mem = peak_memory(fn, device)
-        times.append(time.perf_counter() - t0)
-        mems.append(mem)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats,
-            "peak_mib": max(mems)}
-
-
-def fmt_latency(r: dict) -> str:
-    return f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f})"
-
-
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

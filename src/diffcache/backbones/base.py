@@ -27,9 +27,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-SITE_KINDS = ("attn", "xattn", "mlp")
-CFG_LAYOUTS = ("cond_uncond", "uncond_cond", "two_pass")
-
 
 class Branch:
     """One residual branch, not yet evaluated: tokens ``x`` -> ``norm`` -> modulate -> ``module(h, *args)``.
@@ -297,16 +294,6 @@ def cat_cond(conds: Sequence[Any]):
     if isinstance(first, dict):
         return {k: (None if first[k] is None else torch.cat([c[k] for c in conds])) for k in first}
     return torch.cat(list(conds))
-
-
-def split_cond(cond, n: int):
-    """Inverse of :func:`cat_cond` for ``n`` equal chunks."""
-    if cond is None:
-        return [None] * n
-    if isinstance(cond, dict):
-        parts = {k: (None if v is None else v.chunk(n)) for k, v in cond.items()}
-        return [{k: (None if v is None else v[i]) for k, v in parts.items()} for i in range(n)]
-    return list(cond.chunk(n))
 
 
 def count_parameters(module: nn.Module) -> int:

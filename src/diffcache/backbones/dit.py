@@ -57,6 +57,18 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+# (our key, diffusers DiTTransformer2DModel key) of every plain linear, read in both directions (import:
+# DiT.convert_diffusers; export: backbones/export.py). diffusers copies the shared embedders into every block
+# (``{i}``: the block); the import reads block 0's copy, the export writes one per block.
+DIFFUSERS_LINEARS = (("x_embedder.proj", "pos_embed.proj"), ("final_layer.adaLN_modulation.1", "proj_out_1"),
+                     ("final_layer.linear", "proj_out_2"))
+DIFFUSERS_EMBEDDERS = (("t_embedder.mlp.0", "transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_1"),
+                       ("t_embedder.mlp.2", "transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_2"))
+DIFFUSERS_CLASS_TABLE = "transformer_blocks.{i}.norm1.emb.class_embedder.embedding_table.weight"
+DIFFUSERS_BLOCK_LINEARS = (("adaLN_modulation.1", "norm1.linear"), ("attn.proj", "attn1.to_out.0"),
+                           ("mlp.fc1", "ff.net.0.proj"), ("mlp.fc2", "ff.net.2"))
+
+
 class DiT(CachedBackbone):
     """Class-conditional DiT: ``forward(x, t, y) -> (B, out_channels, H, W)``."""
 
@@ -216,27 +228,20 @@ class DiT(CachedBackbone):
                 out[f"{ours}.{s}"] = take(f"{theirs}.{s}")
 
         kw = DiT.diffusers_kwargs(config)
-        depth = kw["depth"]
-        pair("x_embedder.proj", "pos_embed.proj")
-        emb = "transformer_blocks.0.norm1.emb"
-        pair("t_embedder.mlp.0", f"{emb}.timestep_embedder.linear_1")
-        pair("t_embedder.mlp.2", f"{emb}.timestep_embedder.linear_2")
-        out["y_embedder.embedding_table.weight"] = take(f"{emb}.class_embedder.embedding_table.weight")
-        for i in range(depth):
+        for ours, theirs in DIFFUSERS_LINEARS + DIFFUSERS_EMBEDDERS:
+            pair(ours, theirs.format(i=0))
+        out["y_embedder.embedding_table.weight"] = take(DIFFUSERS_CLASS_TABLE.format(i=0))
+        for i in range(kw["depth"]):
             src, dst = f"transformer_blocks.{i}", f"blocks.{i}"
             if i:  # the shared embedders, duplicated per block in diffusers
                 for k in [k for k in sd if k.startswith(f"{src}.norm1.emb.")]:
                     if not torch.equal(take(k), sd[k.replace(src, "transformer_blocks.0", 1)]):
                         raise ValueError(f"{k} differs from block 0: this checkpoint has per-block embedders, "
                                          "which DiT does not")
-            pair(f"{dst}.adaLN_modulation.1", f"{src}.norm1.linear")
             for s in ("weight", "bias"):
                 out[f"{dst}.attn.qkv.{s}"] = torch.cat([take(f"{src}.attn1.to_{n}.{s}") for n in "qkv"])
-            pair(f"{dst}.attn.proj", f"{src}.attn1.to_out.0")
-            pair(f"{dst}.mlp.fc1", f"{src}.ff.net.0.proj")
-            pair(f"{dst}.mlp.fc2", f"{src}.ff.net.2")
-        pair("final_layer.adaLN_modulation.1", "proj_out_1")
-        pair("final_layer.linear", "proj_out_2")
+            for ours, theirs in DIFFUSERS_BLOCK_LINEARS:
+                pair(f"{dst}.{ours}", f"{src}.{theirs}")
         leftover = sorted(k for k in sd if k not in used)
         if leftover:
             raise KeyError(f"unexpected keys in diffusers DiT state dict: {leftover[:10]}")

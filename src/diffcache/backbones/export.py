@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from . import dit, pixart
 from .layers import sincos_pos_embed_2d
-from .pixart import DIFFUSERS_BLOCK_LINEARS, DIFFUSERS_LINEARS
 
 DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -44,22 +44,18 @@ def dit_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
         for s in ("weight", "bias"):
             out[f"{theirs}.{s}"] = sd[f"{ours}.{s}"].clone()
 
-    pair("pos_embed.proj", "x_embedder.proj")
+    for ours, theirs in dit.DIFFUSERS_LINEARS:
+        pair(theirs, ours)
     for i in range(int(cfg["depth"])):
         src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
-        emb = f"{dst}.norm1.emb"  # diffusers keeps a copy of the shared embedders in every block
-        pair(f"{emb}.timestep_embedder.linear_1", "t_embedder.mlp.0")
-        pair(f"{emb}.timestep_embedder.linear_2", "t_embedder.mlp.2")
-        out[f"{emb}.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"].clone()
-        pair(f"{dst}.norm1.linear", f"{src}.adaLN_modulation.1")
+        for ours, theirs in dit.DIFFUSERS_EMBEDDERS:  # diffusers keeps a copy of the shared embedders per block
+            pair(theirs.format(i=i), ours)
+        out[dit.DIFFUSERS_CLASS_TABLE.format(i=i)] = sd["y_embedder.embedding_table.weight"].clone()
         for s in ("weight", "bias"):
             for name, part in zip("qkv", _split(sd[f"{src}.attn.qkv.{s}"], 3)):
                 out[f"{dst}.attn1.to_{name}.{s}"] = part
-        pair(f"{dst}.attn1.to_out.0", f"{src}.attn.proj")
-        pair(f"{dst}.ff.net.0.proj", f"{src}.mlp.fc1")
-        pair(f"{dst}.ff.net.2", f"{src}.mlp.fc2")
-    pair("proj_out_1", "final_layer.adaLN_modulation.1")
-    pair("proj_out_2", "final_layer.linear")
+        for ours, theirs in dit.DIFFUSERS_BLOCK_LINEARS:
+            pair(f"{dst}.{theirs}", f"{src}.{ours}")
     config = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": heads,
               "attention_head_dim": hidden // heads, "in_channels": int(cfg["in_channels"]),
               "out_channels": int(model.out_channels), "num_layers": int(cfg["depth"]),
@@ -84,7 +80,7 @@ def pixart_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
         for s in ("weight", "bias"):
             out[f"{theirs}.{s}"] = sd[f"{ours}.{s}"].clone()
 
-    for ours, theirs in DIFFUSERS_LINEARS:
+    for ours, theirs in pixart.DIFFUSERS_LINEARS:
         pair(theirs, ours)
     for i in range(int(cfg["depth"])):
         src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
@@ -94,7 +90,7 @@ def pixart_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
                 out[f"{dst}.attn1.to_{name}.{s}"] = part
             for name, part in zip("kv", _split(sd[f"{src}.cross_attn.kv_linear.{s}"], 2)):
                 out[f"{dst}.attn2.to_{name}.{s}"] = part
-        for ours, theirs in DIFFUSERS_BLOCK_LINEARS:
+        for ours, theirs in pixart.DIFFUSERS_BLOCK_LINEARS:
             pair(f"{dst}.{theirs}", f"{src}.{ours}")
     pair("proj_out", "final_layer.linear")
     out["scale_shift_table"] = sd["final_layer.scale_shift_table"].clone()
@@ -113,13 +109,12 @@ def pixart_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
-    family = getattr(model, "family", None)
-    if family == "dit":
+    """(diffusers state dict, config) of a DiT or PixArt backbone (the classes diffusers has a model for)."""
+    if isinstance(model, dit.DiT):
         return dit_to_diffusers(model)
-    if family == "pixart":
+    if isinstance(model, pixart.PixArt):
         return pixart_to_diffusers(model)
-    raise ValueError(f"diffusers export supports DiT and PixArt backbones, not {type(model).__name__} "
-                     f"(family {family!r})")
+    raise ValueError(f"diffusers export supports DiT and PixArt backbones, not {type(model).__name__}")
 
 
 def save_diffusers(model, out_dir: str | Path) -> Path:

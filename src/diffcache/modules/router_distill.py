@@ -35,6 +35,7 @@ import lightning as L
 import torch
 
 from ..denoiser import Denoiser
+from ..policies.base import require_trainable
 from ..policies.l2c import provenance
 from ..sampling import advance
 from .convergence import DRAWS, RouterConvergence, logit_distance
@@ -71,9 +72,7 @@ class RouterDistill(QualityValidation, L.LightningModule):
             raise ValueError(f"module.nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if not (math.isfinite(float(lam)) and float(lam) >= 0):
             raise ValueError(f"the L1 weight lam must be a finite number >= 0, got {lam}")
-        if not hasattr(policy, "sum_beta"):
-            raise ValueError(f"policy={policy.name} has no trainable routers: router training needs policy=l2c "
-                             f"(use evaluate.py to measure {policy.name})")
+        require_trainable(policy)
         object.__setattr__(self, "backbone", backbone)
         backbone.requires_grad_(False).eval()
         policy.setup(backbone, solver)  # routers exist before the optimiser is built

@@ -27,6 +27,7 @@ class CachePolicy(nn.Module):
     """Base policy: a pass-through. Subclasses override :meth:`prepare`, :meth:`apply` and :meth:`reset`."""
 
     name = "base"
+    trainable = False  # per-step routers that router training optimises and router files hold (L2C)
 
     def __init__(self) -> None:
         super().__init__()
@@ -123,3 +124,12 @@ class CachePolicy(nn.Module):
     def summary(self, layout=None, solver=None) -> dict[str, float]:
         """Flat floats describing what the policy does (for run summaries and loggers)."""
         return {}
+
+
+def require_trainable(policy: CachePolicy | type) -> None:
+    """Router training needs trainable routers; ``policy`` is an instance or (config time) its class."""
+    cls = policy if isinstance(policy, type) else type(policy)
+    if not (issubclass(cls, CachePolicy) and cls.trainable):
+        name = getattr(cls, "name", cls.__name__)
+        raise ValueError(f"router training needs policy=l2c; policy={name} has nothing to train (measure it with "
+                         f"evaluate.py policy={name})")

@@ -98,7 +98,7 @@ def evaluate(cfg: DictConfig) -> dict:
         compile_backbone(backbone, str(cfg.eval.compile), max_graphs=solver.num_evals + 2)
     router = cfg.get("router_ckpt")
     policy = build_policy(cfg.policy, router_ckpt=router).to(device)
-    if hasattr(policy, "load_official") and not router:
+    if policy.trainable and not router:
         raise ValueError("policy=l2c needs router_ckpt=/path/to/router.pt (written by train.py, or a released L2C "
                          "router); without it the routers would be random N(0,1) logits")
     guidance = float(cfg.eval.guidance)

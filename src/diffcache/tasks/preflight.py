@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ..modules.convergence import recipe_reach
+from ..policies.base import require_trainable
 from .inputs import check_inputs
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,8 @@ def check_policy_trains(policy) -> None:
         cls = get_class(target) if target else None
     except Exception:  # noqa: BLE001 - an unimportable target fails, with its own message, where it is built
         return
-    if cls is not None and not hasattr(cls, "sum_beta"):
-        name = getattr(cls, "name", target)
-        raise ValueError(f"router training needs policy=l2c; policy={name} has nothing to train (measure it with "
-                         f"evaluate.py policy={name})")
+    if cls is not None:
+        require_trainable(cls)
 
 
 def check_recipe_reach(cfg: DictConfig) -> None:

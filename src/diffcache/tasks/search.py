@@ -5,10 +5,12 @@ import json
 import logging
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..backbones import from_config
+from ..callbacks.resume import resume_command
 from ..search.plot import schedule_heatmap
 from ..utils.build import build_solver
 
@@ -43,10 +45,6 @@ def search(cfg: DictConfig) -> dict:
 
 def _interrupted(searcher, out: Path) -> dict:
     """Keep the entries measured so far and say how to continue (one message, no traceback)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from ..callbacks.resume import resume_command
-
     path = out / "error_table.partial.json"
     done, total = searcher.save_partial(path)
     args = [o for o in (HydraConfig.get().overrides.task if HydraConfig.initialized() else [])

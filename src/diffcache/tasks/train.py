@@ -27,6 +27,7 @@ from ..callbacks.progress import StepProgress
 from ..callbacks.resume import StopOnInterrupt, resume_command
 from ..metrics.cost import policy_cost
 from ..modules.convergence import RouterConvergence, updates_per_iteration
+from ..policies.base import require_trainable
 from ..utils.build import build_callbacks, build_loggers, build_policy, build_solver
 from ..utils.console import model_summary_line, setup_console
 from ..utils.hashing import file_sha256
@@ -79,9 +80,7 @@ def train(cfg: DictConfig) -> dict:
     backbone = from_config(cfg.backbone)
     solver = build_solver(cfg.solver)
     policy = build_policy(cfg.policy)
-    if not hasattr(policy, "sum_beta"):
-        raise ValueError(f"router training needs policy=l2c; policy={policy.name} has nothing to train "
-                         f"(measure it with evaluate.py policy={policy.name})")
+    require_trainable(policy)
     cache = router_cache_dir(cfg)
     reused = _reuse_router(cache, out)
     if reused is not None:

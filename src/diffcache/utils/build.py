@@ -15,7 +15,7 @@ def build_policy(cfg, router_ckpt: str | None = None):
     """``policy._target_`` -> a CachePolicy; ``router_ckpt`` loads an L2C router file into it."""
     policy = instantiate(cfg)
     if router_ckpt:
-        if not hasattr(policy, "load_official"):
+        if not policy.trainable:
             raise ValueError(f"router_ckpt is only for policy=l2c (this run uses {policy.name})")
         policy.load_official(router_ckpt)
     return policy
