@@ -139,7 +139,7 @@ def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = 
         key = cand.row.identity() + cand.cache_key
         hit = cache.get(key)
         if hit is None:
-            log.info("comparing %d/%d: %s (%d samples)", k, len(cands), cand.row.label(), int(c.num_samples))
+            log.info("comparing %d/%d: %s (%d samples)", k, len(cands), cand.row.label, int(c.num_samples))
             if teacher is None and cand is not cands[0]:  # the full row came from the cache: its samples did not
                 teacher, _ = _samples(backbone, cands[0].solver, None, int(c.num_samples), int(c.batch_size),
                                       ctx.guidance, int(c.seed), next(backbone.parameters()).device)
