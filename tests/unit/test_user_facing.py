@@ -68,7 +68,7 @@ class _Stream(io.StringIO):
         return self.tty
 
 
-def test_progress_off_a_terminal_is_plain_lines_and_on_one_fits_80_columns(tmp_path, monkeypatch):
+def test_progress_off_a_terminal_is_plain_lines_and_on_one_fits_80_columns(tmp_path, monkeypatch, caplog):
     """Issue 23.3: piped stdout gets a plain line every N steps (and the last), the validation stage is announced
     and reported; on a terminal the one redrawn line fits 80 columns; losses of 1e-6 read 1.234e-06."""
     monkeypatch.syspath_prepend(str(ROOT / "tests"))
@@ -77,18 +77,24 @@ def test_progress_off_a_terminal_is_plain_lines_and_on_one_fits_80_columns(tmp_p
     from diffcache.callbacks.progress import StepProgress
     from diffcache.tasks import train as train_task
 
+    caplog.set_level("INFO", logger="diffcache.tasks.compare")
     streams = {True: _Stream(True), False: _Stream(False)}
     made = iter(streams.values())
     monkeypatch.setattr(train_task, "StepProgress", lambda total: StepProgress(total, every_steps=2, stream=next(made)))
     monkeypatch.setenv("COLUMNS", "80")
+    compare = ["compare=default", "compare.num_samples=2", "compare.batch_size=2", "compare.cache_dir=null",
+               "compare.fora_intervals=[2]", "compare.toca=false"]  # off a terminal: the comparison's stages too
     for tty in (True, False):
         train_task.train(compose_cfg("train", ["trainer.max_steps=4", "data.batch_size=2", "+trainer.val_check_interval=3",
-                                               "trainer.limit_val_batches=1", "+data.val_samples=2",
-                                               "callbacks=none"], tmp_path / str(tty)))
+                                               "trainer.limit_val_batches=1", "+data.val_samples=2", "callbacks=none",
+                                               *([] if tty else compare)], tmp_path / str(tty)))
     plain = streams[False].getvalue().splitlines()
     assert [ln.split()[1] for ln in plain if ln.startswith("train ")] == ["2/4", "4/4"]
     assert "validating at step 3" in plain[1] and plain[2].startswith("validation at step 3")
     assert "\r" not in streams[False].getvalue() and re.search(r"loss \d\.\d{3}e[-+]\d\d", plain[0])
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("comparing ")]
+    n = len(stages)  # full, L2C, FORA N=2 (and fewer steps when some step count reaches L2C's MACs)
+    assert n >= 3 and [st.split(":")[0] for st in stages] == [f"comparing {k}/{n}" for k in range(1, n + 1)]
     drawn = re.split(r"[\r\n]", streams[True].getvalue())
     assert sum(ln.startswith("train ") for ln in drawn) == 4 and max(map(len, drawn)) <= 79
 
