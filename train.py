@@ -1,4 +1,6 @@
 """Train a cache router: ``python train.py backbone=uvit solver=dpm20 policy=l2c``."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -10,8 +12,11 @@ def main(cfg: DictConfig) -> None:
     from diffcache.tasks.train import train
     from diffcache.utils.cli import user_errors
 
+    result = {}  # an input error in a sweep job ends that job only (user_errors reports it)
     with user_errors():
-        train(cfg)
+        result = train(cfg)
+    if result.get("partial"):  # interrupted (Ctrl-C): the partial router is saved; the shell sees 130
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Benchmarks: ``python -m benchmarks cpu|gpu [--full] [--only speed peers train scaling]``.
 
-``cpu`` (``make bench``): DiT-S/2 random weights, DDIM-10 with CFG 1.5 (DDIM-20 and 50 with --full), batch 1
+``cpu`` (``make bench``): the cost of a fully reused DiT-S/2 evaluation (fp32, bf16) and the share of its time
+in ops a reused branch should skip (``reuse``); DiT-S/2 random weights, DDIM-10 with CFG 1.5 (DDIM-20 and 50 with --full), batch 1
 and 8 (32 with --full),
 eager and torch.compile (inductor, batch 1; all batches with --full); the shipped MNIST teachers (DiT DDIM-20,
 U-ViT DPM-Solver-2, batch 8, real weights) and cache-dit's DBCache on the MNIST DiT with MNIST-FID; peers (ours vs diffusers DiT and
 PixArt forward, cache-dit DBCache); router-training throughput; scaling PNG. ``gpu`` (``make bench-gpu``):
-DiT-XL/2 with the released routers, bf16, batch 1/8/32, compile; peers at bf16; training at batch 8/64
-with MFU. Everything lands in ``benchmarks/results/`` as JSON + Markdown (``summary.md`` collects it).
+DiT-XL/2 with the released routers, bf16 weights, batch 1/8/32, compile; peers in fp32 and bf16; training at
+batch 8/64 with MFU (``--smoke``: the same path on a tiny model, on any device). Everything lands in ``benchmarks/results/`` as JSON + Markdown (``summary.md`` collects it).
 Figures are ratios measured in one run on whatever machine ran it; nothing here asserts a timing.
 """
 from __future__ import annotations
@@ -20,17 +21,25 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import cache_dit_mnist, peers, scaling, speed, train
+from . import cache_dit_mnist, peers, reuse, scaling, speed, train
 from .common import RESULTS, machine, save, track_freed_memory
 from .profile import profile_low_efficiency
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("speed", "mnist", "peers", "train", "scaling")
+SECTIONS = ("reuse", "speed", "mnist", "peers", "train", "scaling")
 
 
 def cpu_set(args) -> dict:
     out, md, times = {}, [], {}
     batches = (1, 8, 32) if args.full else (1, 8)
+    times["reuse"] = time.perf_counter()
+    if "reuse" in args.only:  # the cost of a fully reused evaluation, fp32 and bf16 (proxies for the GPU goals)
+        # bf16 on a CPU without bf16 units is emulated (several times slower than fp32): fewer rounds
+        rows = reuse.run(args.arch, batch=8, repeats={torch.float32: max(3, args.repeats + 1),
+                                                      torch.bfloat16: args.repeats if args.full else 1})
+        out["reuse"] = {"rows": rows}
+        save("reuse", out["reuse"], reuse.table(rows), args.out)
+        md += ["## Fully reused evaluation", reuse.table(rows)]
     times["speed"] = time.perf_counter()
     if "speed" in args.only:
         rows = []
@@ -66,6 +75,8 @@ def cpu_set(args) -> dict:
     times["peers"] = time.perf_counter()
     if "peers" in args.only:
         rows = peers.dit_forward(args.arch, batches=(1, 8), repeats=args.repeats + 2)
+        rows += peers.dit_forward(args.arch, batches=(1, 8) if args.full else (1,), repeats=args.repeats + 2,
+                                  dtype=torch.bfloat16)
         rows += peers.pixart_forward(batches=(1, 8), repeats=args.repeats + 2)
         cdit = peers.cache_dit(args.arch, steps=20 if args.full else args.steps, guidance=args.guidance)
         out["peers"] = {"rows": rows, "cache_dit": cdit}
@@ -92,28 +103,42 @@ def cpu_set(args) -> dict:
 
 
 def gpu_set(args) -> dict:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    arch = "DiT-XL/2" if args.arch == "DiT-S/2" else args.arch
+    """DiT-XL/2 in bf16 weights (float32 solver state), the released routers; ``--smoke``: the same code path on
+    a tiny model, one small batch, no compile (the suite runs it on the CPU so it cannot silently break)."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    smoke = args.smoke
+    arch = "DiT-XL/2" if args.arch == "DiT-S/2" and not smoke else ("tiny_dit" if smoke else args.arch)
+    steps, batches = ((4,), (2,)) if smoke else ((20, 50), (1, 8, 32))
+    no_compile = args.no_compile or smoke
     out, md = {}, []
     if "speed" in args.only:
         rows = []
-        for steps in (20, 50):
-            rows += speed.run(arch, steps=steps, batches=(1, 8, 32), device="cuda", guidance=args.guidance,
-                              repeats=args.repeats, compile_modes=() if args.no_compile else ("regional", "whole"),
-                              compile_batches=(8,), whole_policies=("full", "l2c", "toca", "fora"), bf16=True)
+        for n in steps:
+            rows += speed.run(arch, steps=n, batches=batches, device=dev.type, guidance=args.guidance,
+                              repeats=1 if smoke else args.repeats,
+                              compile_modes=() if no_compile else ("regional", "whole"),
+                              compile_batches=(8,), whole_policies=("full", "l2c", "toca", "fora"), bf16=True,
+                              search_samples=1 if smoke else 2)
         out["speed"] = {"rows": rows}
         save("speed_gpu", out["speed"], speed.table(rows), args.out)
         md += ["## Sampling speed (GPU, bf16)", speed.table(rows)]
     if "peers" in args.only:
-        rows = peers.dit_forward(arch, batches=(1, 8), device="cuda", repeats=args.repeats + 5)
-        rows += peers.pixart_forward(batches=(1, 8), device="cuda", repeats=args.repeats + 5, depth=28, heads=16,
-                                     head_dim=72)
+        rep = 1 if smoke else args.repeats + 5
+        rows = []
+        for dtype in (torch.float32, torch.bfloat16):
+            rows += peers.dit_forward(arch, batches=batches[:2], device=dev.type, repeats=rep, dtype=dtype)
+        pix = dict(depth=1, heads=2, head_dim=16, token_num=8, caption_channels=32) if smoke else dict(
+            depth=28, heads=16, head_dim=72)
+        rows += peers.pixart_forward(batches=batches[:2], device=dev.type, repeats=rep, **pix)
         out["peers"] = {"rows": rows}
         save("peers_gpu", out["peers"], peers.table(rows), args.out)
-        md += ["## Peers (GPU, fp32)", peers.table(rows)]
+        md += ["## Peers (GPU, fp32 and bf16)", peers.table(rows)]
     if "train" in args.only:
-        rows = train.run(((arch, 8), (arch, 64)), device="cuda", bf16=True, repeats=args.repeats,
-                         peak_tflops=args.peak_tflops)
+        cfgs = ((arch, 2),) if smoke else ((arch, 8), (arch, 64))
+        rows = train.run(cfgs, device=dev.type, bf16=True, repeats=1 if smoke else args.repeats,
+                         peak_tflops=args.peak_tflops, search_samples=0 if smoke else 16)
         out["train"] = rows
         save("train_gpu", {"rows": rows}, train.table(rows), args.out)
         md += ["## Router-training throughput (GPU, bf16 autocast)", train.table(rows)]
@@ -135,13 +160,15 @@ def main(argv=None) -> None:
     p.add_argument("--profile-below", type=float, default=0.8, help="profile eager rows with efficiency below this")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--smoke", action="store_true",
+                   help="gpu: the GPU set's code path on a tiny model (any device; the test suite runs it on the CPU)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     track_freed_memory()
-    if args.set == "gpu" and not torch.cuda.is_available():
+    if args.set == "gpu" and not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("bench-gpu needs a CUDA device; none is visible (run `make bench` for the CPU set)")
-    dev = torch.device("cuda" if args.set == "gpu" else "cpu")
+    dev = torch.device("cuda" if args.set == "gpu" and torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     before = machine(dev)
     res = cpu_set(args) if args.set == "cpu" else gpu_set(args)
@@ -164,7 +191,7 @@ def main(argv=None) -> None:
                                      **res["sections"]}, indent=2, default=str))
     # summary.md collects the latest run of every section (a run with --only replaces just its sections)
     suffix = "" if args.set == "cpu" else "_gpu"
-    titles = {"speed": "Sampling speed", "mnist": "Shipped MNIST teachers", "peers": "Peers (same weights)", "train": "Router-training throughput",
+    titles = {"reuse": "Fully reused evaluation", "speed": "Sampling speed", "mnist": "Shipped MNIST teachers", "peers": "Peers (same weights)", "train": "Router-training throughput",
               "scaling": "Scaling"}
     parts = [f"# Benchmarks ({args.set})"]
     for sec in SECTIONS:

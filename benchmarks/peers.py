@@ -71,20 +71,23 @@ def _ratio_row(name, batch, ours_fn, theirs_fn, device, repeats, diff) -> dict:
             "ratio_ours_over_diffusers": round(ours / theirs, 3), "max_abs_diff": float(diff), "repeats": 2 * repeats}
 
 
-def dit_forward(arch: str = "DiT-S/2", batches=(1, 8), device: str = "cpu", repeats: int = 5) -> list[dict]:
+def dit_forward(arch: str = "DiT-S/2", batches=(1, 8), device: str = "cpu", repeats: int = 5,
+                dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Ours vs diffusers' DiT forward, same weights, both held in ``dtype`` (fp32 or bf16)."""
     dev = torch.device(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        ref = diffusers_dit(arch, Path(tmp)).to(dev)
-        ours = load_backbone(arch, ckpt=tmp).to(dev)
+        ref = diffusers_dit(arch, Path(tmp)).to(dev, dtype)
+        ours = load_backbone(arch, ckpt=tmp).to(dev, dtype)
+        name = arch if dtype == torch.float32 else f"{arch} {str(dtype).replace('torch.', '')}"
         for bs in batches:
             g = torch.Generator().manual_seed(bs)
-            x = torch.randn(bs, 4, ours.input_size, ours.input_size, generator=g).to(dev)
+            x = torch.randn(bs, 4, ours.input_size, ours.input_size, generator=g).to(dev, dtype)
             t = torch.randint(0, 1000, (bs,), generator=g).float().to(dev)
             y = torch.randint(0, ours.num_classes, (bs,), generator=g).to(dev)
             with torch.no_grad():
-                diff = (ours(x, t, y) - ref(x, timestep=t, class_labels=y).sample).abs().max().item()
-                rows.append(_ratio_row(arch, bs, lambda: ours(x, t, y),
+                diff = (ours(x, t, y).float() - ref(x, timestep=t, class_labels=y).sample.float()).abs().max().item()
+                rows.append(_ratio_row(name, bs, lambda: ours(x, t, y),
                                        lambda: ref(x, timestep=t, class_labels=y).sample, dev, repeats, diff))
             print(rows[-1], flush=True)
     return rows

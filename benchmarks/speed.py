@@ -125,7 +125,7 @@ def candidates(arch: str, steps: int, routers: Path | None, model=None, search_s
 def _graph_breaks(model, policy, solver, noise, y, guidance) -> dict:
     """Graph breaks of one forward at a full and at a cache evaluation (explain, backend-free)."""
     B = noise.shape[0]
-    x = torch.cat([noise, noise]) if guidance is not None else noise
+    x = (torch.cat([noise, noise]) if guidance is not None else noise).to(model.dtype)
     yy = torch.cat([y, torch.full_like(y, model.null_class)]) if guidance is not None else y
     t = torch.full((x.shape[0],), 500.0, device=noise.device)
     reasons, graphs = [], 0
@@ -159,7 +159,7 @@ def _graph_breaks(model, policy, solver, noise, y, guidance) -> dict:
 def _warm(model, noise, y) -> None:
     """One uncached forward at the run's CFG batch: thread pools and allocator warm, at a fraction of a run."""
     with torch.no_grad():
-        x = torch.cat([noise, noise])
+        x = torch.cat([noise, noise]).to(model.dtype)  # a direct call: the input in the model's dtype
         model(x, torch.full((x.shape[0],), 500.0, device=x.device), torch.cat([y, y]))
 
 
@@ -250,7 +250,8 @@ def run(arch: str = "DiT-S/2", steps: int = 20, batches=(1, 8), device: str = "c
              or (c["policy"].startswith("ddim") and "ddim" in policies)]
     rows: list[dict] = []
     for bs in batches:
-        noise, y = seeded_inputs(model, bs, dev, dtype)
+        # the solver state stays float32 whatever the model's dtype: sample() casts the model input to it
+        noise, y = seeded_inputs(model, bs, dev, torch.float32)
         full_macs = policy_cost(model, cands[0]["solver"], None, guidance=guidance)["macs_cfg"]
         reps = repeats if bs < 8 else max(1, repeats - 2)  # a batch-8 DiT-S/2 run is ~30 s on 2 CPU cores
         for mode in ["eager"] + [f"compile:{m}" for m in compile_modes]:

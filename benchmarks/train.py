@@ -80,7 +80,8 @@ def run(configs=(("tiny_dit", 8), ("DiT-S/2", 2), ("DiT-S/2", 8)), device: str =
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model, step
-    rows.append(search_run(num_samples=search_samples, device=str(dev)))
+    if search_samples:
+        rows.append(search_run(num_samples=search_samples, device=str(dev)))
     return rows
 
 

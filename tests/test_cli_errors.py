@@ -37,7 +37,6 @@ def files(tmp_path_factory):
     train(compose_cfg("train", [f"backbone.ckpt={teacher}", "trainer=cpu", "policy.cache_interval=3",
                                 "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.max_steps=2",
                                 "data.batch_size=2", *FAST], d / "run3"))
-    (d / "truncated.ckpt").write_bytes((d / "run3" / "checkpoints" / "last.ckpt").read_bytes()[:300])
     m = torch.load(teacher, weights_only=True)
     m = {k: (v * float("nan") if "final_layer" in k else v) for k, v in m.items()}
     torch.save(m, d / "nan_teacher.pt")
@@ -54,11 +53,8 @@ def test_train_input_mistakes_are_one_line_and_wandb_defaults_to_offline(tmp_pat
     cases = {
         "policy=toca": (["policy=toca", *TINY], ["router training needs policy=l2c"]),
         "lam=inf": (["policy.lam=inf", *TINY], ["policy.lam"]),
-        "lam<0": (["policy.lam=-1e-6", *TINY], ["policy.lam"]),
-        "theta>1": (["policy.theta=1.5", *TINY], ["policy.theta"]),
         "latents w/o path": (["data=latents", *TINY], ["data.path="]),
         "labels>=classes": (["data=latents", f"data.path={f['d'] / 'bad_labels.pt'}", *TINY], ["labels span 0..50"]),
-        "truncated ckpt": ([f"ckpt_path={f['d'] / 'truncated.ckpt'}", *TINY], ["not a readable torch checkpoint"]),
         "resume other solver": ([f"ckpt_path={f['last3']}", "solver=dpm20", *TINY],
                                 ["solver_name: router ddim, run dpm_solver2"]),
         "cpu devices=2": (["trainer=cpu", "trainer.devices=2", *TINY], ["ddp_find_unused_parameters_true"]),
@@ -121,3 +117,38 @@ def test_evaluate_input_mistakes_are_one_line(tmp_path, files):
     assert from_ckpt["code"] == 0, from_ckpt["out"][-2000:]  # a Lightning last.ckpt is a router file too
     assert json.loads((tmp_path / "allowed" / "summary.json").read_text())["router"] == f["router3"]
     assert json.loads((tmp_path / "from_ckpt" / "summary.json").read_text())["router"] == f["last3"]
+
+
+def test_preflight_refuses_bad_values_and_files_before_any_folder_exists(tmp_path):
+    """Issue 23.5: value and file mistakes end in the preflight: one ``error:`` line, exit 2, and no run
+    folder (not even ``logs/``), so the newest folder is still the latest real run."""
+    from diffcache.backbones import build_backbone
+    from diffcache.policies.l2c import L2CPolicy
+    from diffcache.solvers import DDIM
+
+    bb = build_backbone("tiny_uvit")
+    pol = L2CPolicy(theta=0.5, init_seed=0)
+    pol.setup(bb, DDIM(20, schedule="linear"))
+    uvit_router = pol.export_official(tmp_path / "uvit_router")  # 2 x 2 sites + skips: not tiny_dit's length
+    teacher = perturbed_ckpt("tiny_dit", tmp_path / "teacher.pt")
+    (tmp_path / "cut.pt").write_bytes(open(teacher, "rb").read()[:1000])
+    train_cases = {
+        "lam<0": (["policy.lam=-1e-6", *TINY], ["policy.lam", ">= 0"]),
+        "theta>1": (["policy.theta=1.5", *TINY], ["policy.theta", "[0, 1]"]),
+        "odd NFE": (["solver=dpm20", "solver.num_steps=19", *TINY], ["even NFE, got 19"]),
+        "missing teacher": (["backbone=mnist_dit", "backbone.ckpt=nowhere/teacher.pt", *TINY],
+                            ["backbone.ckpt=nowhere/teacher.pt: no such file", "assets/"]),
+        "truncated teacher": ([f"backbone.ckpt={tmp_path / 'cut.pt'}", *TINY], ["not a readable torch checkpoint"]),
+        "truncated ckpt_path": ([f"ckpt_path={tmp_path / 'cut.pt'}", *TINY], ["ckpt_path=", "not a readable"]),
+        "router as ckpt_path": ([f"ckpt_path={uvit_router}", *TINY], ["is a router file, not a Lightning checkpoint"]),
+    }
+    eval_cases = {
+        "router of another backbone": (["backbone=tiny_dit", "policy=l2c", f"router_ckpt={uvit_router}"],
+                                       ["router length", "does not match the backbone: depth 2"]),
+        "missing router": (["policy=l2c", "router_ckpt=nowhere.pt"], ["router_ckpt=nowhere.pt: no such file"]),
+    }
+    for script, cases in (("train.py", train_cases), ("evaluate.py", eval_cases)):
+        results = run_many(script, [argv for argv, _ in cases.values()], tmp_path)
+        for (_, needles), r in zip(cases.values(), results):
+            one_error_line(r, *needles)
+    assert not (tmp_path / "logs").exists(), list((tmp_path / "logs").rglob("*"))

@@ -133,18 +133,18 @@ def test_a_second_run_reuses_the_router_and_the_measured_comparison_rows_and_say
         caplog.clear()
         with caplog.at_level("INFO", logger="diffcache"):
             train(cfg)
-        tables.append(json.loads((tmp_path / run / "comparison.json").read_text()))
+        tables.append(json.loads((tmp_path / run / "results.json").read_text()))
         assert (tmp_path / run / "comparison_samples.png").is_file()
     first, second = tables
-    assert [r["method"] for r in first] == [r["method"] for r in second] and len(first) >= 4
-    assert not any(r["reused"] for r in first) and all(r["reused"] for r in second)
+    assert [r["label"] for r in first] == [r["label"] for r in second] and len(first) >= 4
+    assert not any(r["provenance"]["reused"] for r in first) and all(r["provenance"]["reused"] for r in second)
     for a, b in zip(first, second):  # the same router (same seed) and the same teacher: the same rows
-        assert {k: v for k, v in a.items() if k != "reused"} == {k: v for k, v in b.items() if k != "reused"}
+        assert {k: v for k, v in a.items() if k != "provenance"} == {k: v for k, v in b.items() if k != "provenance"}
     assert f"{len(second)} of {len(second)} rows reused" in caplog.text and "router reused from the cache" in caplog.text
     summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("first", "second")]
     assert "reused_router" not in summaries[0] and summaries[1]["reused_router"].startswith(str(tmp_path / "routers"))
     assert (tmp_path / "second" / "router.pt").read_bytes() == (tmp_path / "first" / "router.pt").read_bytes()
-    assert first[0]["mnist_fid"] > 0 and first[0]["psnr"] >= 100 and first[1]["macs_fraction"] < 1.0
+    assert first[0]["metrics"]["mnist_fid"] > 0 and "psnr" not in first[0]["metrics"] and first[1]["macs_fraction"] < 1.0
 
 
 def test_denoising_profile_of_the_shipped_dit_against_the_trivial_predictors():

@@ -122,9 +122,19 @@ def test_train_bf16_autocast(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["global_step"] == 2
 
 
-def test_submitit_local_sweep_runs_real_jobs_and_gathers_table_and_pareto(tmp_path):
+def test_train_bf16_backbone(tmp_path):
+    """backbone.dtype=bf16: the teacher held in bf16 weights, float32 routers and loss, finite steps."""
+    cfg = compose_cfg("train", ["trainer=cpu", "backbone.dtype=bf16", "trainer.max_steps=2", "data.batch_size=2",
+                                "callbacks=none", *FAST], tmp_path)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert json.loads((tmp_path / "summary.json").read_text())["global_step"] == 2
+
+
+def test_submitit_local_sweep_runs_real_jobs_and_gathers_table(tmp_path):
     """hydra/launcher=local (hydra-submitit-launcher's submitit_local): two real jobs as separate processes,
-    gathered into one table and one Pareto PNG (the same path a SLURM sweep takes, hydra/launcher=slurm)."""
+    gathered into one table (the same path a SLURM sweep takes, hydra/launcher=slurm). Without a comparison
+    the runs report no quality, so no Pareto plot is drawn (a training loss is no quality axis)."""
     res = run_cli("train.py", ["-m", "hydra/launcher=local", "policy.theta=0.3,0.9", "trainer.max_steps=2",
                                "data.batch_size=2", "callbacks=none", f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST],
                   tmp_path, timeout=600)
@@ -133,7 +143,4 @@ def test_submitit_local_sweep_runs_real_jobs_and_gathers_table_and_pareto(tmp_pa
     table = pd.read_csv(tmp_path / "sweep" / "summary.csv")
     assert sorted(table["theta"].tolist()) == [0.3, 0.9] and (table["status"] == "ok").all()
     assert table["macs_fraction"].nunique() == 2  # different thresholds, different compute
-    from PIL import Image
-
-    png = Image.open(tmp_path / "sweep" / "pareto.png")
-    assert png.size[0] > 300 and png.size[1] > 200
+    assert not (tmp_path / "sweep" / "pareto.png").exists() and not (tmp_path / "sweep" / "frontier.png").exists()

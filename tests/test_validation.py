@@ -3,6 +3,7 @@ thresholded router and the uncached teacher, logged to CSV and W&B (offline), wi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -50,24 +51,33 @@ def test_caching_nothing_has_infinite_psnr_to_the_teacher(tmp_path):
 
 
 def test_compare_table_puts_the_router_next_to_the_cheap_alternatives(tmp_path, capsys):
+    from diffcache.utils.record import load_rows
+
     cfg = compose_cfg("train", [*PIXEL, "trainer.max_steps=2", "callbacks=none", "compare=default", "policy.theta=0.9",
                                 "compare.num_samples=4", "compare.batch_size=2", "compare.latency_repeats=1"], tmp_path)
     train(cfg)
-    rows = json.loads((tmp_path / "comparison.json").read_text())
-    names = [r["method"] for r in rows]
-    assert names[0] == "full ddim-20" and names[1].startswith("L2C theta=") and "FORA N=2" in names
-    assert any(n.startswith("ToCa") for n in names)
+    rows = load_rows(tmp_path / "results.json")
+    assert [r.method for r in rows[:2]] == ["full", "l2c"] and rows[1].params == {"θ": 0.9}
+    assert any(r.method == "fora" and r.params == {"N": 2} for r in rows) and any(r.method == "toca" for r in rows)
     full, l2c = rows[0], rows[1]
-    assert full["psnr"] >= 100 and full["macs_fraction"] == 1.0  # the full sampler against itself
-    few = [r for r in rows if r["method"].startswith("fewer steps")]
-    assert l2c["macs_fraction"] < 0.9  # theta 0.9 on N(0, 1) logits: most cache-step branches reused
+    assert "psnr" not in full.metrics and full.macs_fraction == 1.0  # no distance of the full sampler to itself
+    few = [r for r in rows if r.role == "fewer steps"]
+    assert l2c.macs_fraction < 0.9  # theta 0.9 on N(0, 1) logits: most cache-step branches reused
     # equal compute: the fewest DDIM steps whose MACs reach L2C's
-    assert few and few[0]["nfe"] < 20 and few[0]["gmacs"] >= l2c["gmacs"]
-    assert (few[0]["nfe"] - 1) * full["gmacs"] / 20 < l2c["gmacs"]
+    assert len(few) == 1 and few[0].method == "steps" and few[0].nfe < 20 and few[0].gmacs >= l2c.gmacs
+    assert (few[0].nfe - 1) * full.gmacs / 20 < l2c.gmacs
     for r in rows:
-        assert {"tiny_fid", "tiny_is", "psnr", "gmacs", "latency_s"} <= set(r)
-    assert (tmp_path / "comparison.md").read_text().count("\n") == len(rows) + 2
-    assert "comparison.md" in capsys.readouterr().out
+        assert {"tiny_fid", "tiny_is"} <= set(r.metrics) and r.gmacs > 0 and r.latency_s > 0
+        assert r.provenance["commit"] and r.provenance["machine"] and r.provenance["reused"] is False
+    md = (tmp_path / "comparison.md").read_text()
+    assert md.count("\n") == len(rows) + 4  # caption, blank line, header, rule, one line per row
+    assert "| method | NFE |" in md and "PSNR to full (dB)" in md and "GMACs / image" in md and "latency (s / batch)" in md
+    assert f"fewer steps: DDIM-{few[0].nfe} " in md
+    out = capsys.readouterr().out
+    assert "comparison.md" in out and "teacher tiny_dit (random weights), 4 samples (seed" in out
+    saved = out.rsplit("saved: ", 1)[1].strip().split(", ")
+    assert str(tmp_path / "comparison_samples.png") in saved and all(Path(p).exists() for p in saved)
+    assert str(tmp_path / "router_heatmaps") not in saved  # callbacks=none: never named when it was not written
 
 
 def test_compare_rows_of_a_budget_conditioned_router_and_of_searched_schedules(tmp_path):
@@ -77,6 +87,7 @@ def test_compare_rows_of_a_budget_conditioned_router_and_of_searched_schedules(t
     from diffcache.search.searcher import site_macs
     from diffcache.backbones import from_config
     from diffcache.utils.build import build_solver
+    from diffcache.utils.record import load_rows
 
     cfg = compose_cfg("train", [*PIXEL, "trainer.max_steps=2", "callbacks=none", "compare=default",
                                 "module.objective=budget", "compare.router_budgets=[0.3,0.7]",
@@ -84,14 +95,14 @@ def test_compare_rows_of_a_budget_conditioned_router_and_of_searched_schedules(t
                                 "compare.fora_intervals=[]", "compare.toca=false",
                                 "compare.num_samples=4", "compare.batch_size=2"], tmp_path)
     train(cfg)
-    rows = {r["method"]: r for r in json.loads((tmp_path / "comparison.json").read_text())}
-    b3, b7 = rows["L2C budget-conditioned b=0.3"], rows["L2C budget-conditioned b=0.7"]
-    assert b3["kind"] == b7["kind"] == "budget" and b3["macs_fraction"] < b7["macs_fraction"] < 1.0
-    assert b3["train_s"] > 0 and b3["train_s"] == b7["train_s"]
+    rows = load_rows(tmp_path / "results.json")
+    b3, b7 = (next(r for r in rows if r.method == "budget" and r.params == {"b": b}) for b in (0.3, 0.7))
+    assert b3.macs_fraction < b7.macs_fraction < 1.0
+    assert b3.train_s > 0 and b3.train_s == b7.train_s
     bb, solver = from_config(cfg.backbone), build_solver(cfg.solver)
     branch = float(site_macs(bb).max()) / policy_cost(bb, solver)["macs"]
     for b in (0.9, 0.95):
         for m in ("greedy", "dp"):
-            r = rows[f"search {m} b={b:g}"]
-            assert r["kind"] == "search" and r["search_s"] > 0 and "train_s" not in r
-            assert b - branch - 1e-9 < r["macs_fraction"] <= b + 1e-9, (m, b, r["macs_fraction"], branch)
+            r = next(r for r in rows if r.method == "search" and r.params == {"algo": m, "b": b})
+            assert r.search_s > 0 and r.train_s is None and r.label == f"search {m} b={b:g}"
+            assert b - branch - 1e-9 < r.macs_fraction <= b + 1e-9, (m, b, r.macs_fraction, branch)

@@ -11,7 +11,8 @@ exactly as the reference code does, read from the backbone class (``cfg_layout``
 
 Before every backbone call the bound policy (if any) learns where it is (:class:`StepContext`),
 including the CFG branch, so cond and uncond caches never mix. Teacher and student passes of router
-training go through :meth:`Denoiser.raw`, the same path as sampling. Pixel-space teachers (the MNIST demo)
+training go through :meth:`Denoiser.raw`, the same path as sampling. A half-precision backbone gets its
+input in its own dtype and returns its output in the solver's. Pixel-space teachers (the MNIST demo)
 set ``backbone.clip_denoised``: the x0 prediction is clipped to [-1, 1] and eps re-derived from it, as ADM's
 samplers do with ``clip_denoised=True``; latent-space models keep DiT's ``clip_denoised=False``.
 """
@@ -45,10 +46,14 @@ class Denoiser:
         return t, ctx
 
     def _run(self, x, t, cond, ctx: StepContext):
+        """One backbone call. The solver state ``x`` keeps its dtype (float32, float64 in tests); the model
+        sees it in its own dtype (bf16 / fp16 weights take bf16 / fp16 input; so do their caches) and its
+        output is cast back, so the solver arithmetic never runs in half precision."""
         policy = self.backbone.policy
         if policy is not None:
             policy.begin(ctx)
-        return self.backbone(x, t, cond)
+        dtype = getattr(self.backbone, "dtype", x.dtype)
+        return self.backbone(x.to(dtype), t, cond).to(x.dtype)
 
     def raw(self, x: torch.Tensor, k: int, solver: Solver, cond) -> torch.Tensor:
         """The backbone's native output at evaluation ``k`` without guidance (router distillation)."""

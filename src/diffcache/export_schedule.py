@@ -14,13 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from .backbones import from_config
+from .backbones import meta_backbone
 from .policies import static_schedule as ss
 from .policies.fora import FORAPolicy
 from .policies.l2c import L2CPolicy
@@ -39,16 +37,17 @@ def compose_run(backbone: str, solver: str, overrides: list[str], conf_dir: str 
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(_conf_dir(conf_dir)), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"backbone={backbone}", f"solver={solver}", "policy=l2c", *overrides])
-    with torch.device("meta"):  # the layout only: no weights
-        model = from_config({**OmegaConf.to_container(cfg.backbone, resolve=True), "ckpt": None, "random_init": True})
-    return model, instantiate(cfg.solver), cfg
+    return meta_backbone(cfg.backbone), instantiate(cfg.solver), cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffcache.export_schedule", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m diffcache.export_schedule",
+                                description="Export a static cache schedule (which branches each evaluation computes) "
+                                            "from an L2C router or FORA, as JSON for other tools.")
     p.add_argument("router", nargs="?", help="L2C router file (.pt / .pth); omit with --fora")
     p.add_argument("--solver", required=True, help="solver config name, e.g. ddim20, dpmpp10, dpm20")
-    p.add_argument("--backbone", default="tiny_dit", help="backbone config name for the site layout (default tiny_dit)")
+    p.add_argument("--backbone", default="mnist_dit",
+                   help="backbone config name for the site layout, as evaluate.py's backbone= (default mnist_dit)")
     p.add_argument("--theta", type=float, default=None, help="L2C threshold (default: policy=l2c's theta)")
     p.add_argument("--budget", type=float, default=None, help="L2C compute budget instead of theta")
     p.add_argument("--cache-interval", type=int, default=2, help="L2C schedule cache interval (default 2)")
@@ -67,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             policy, what = FORAPolicy(a.fora), {"policy": "fora", "interval": a.fora}
         else:
             theta = float(a.theta if a.theta is not None else cfg.policy.theta)
-            policy = L2CPolicy.from_official(a.router, theta=theta, budget=a.budget, cache_interval=a.cache_interval,
-                                             layout=layout)
+            policy = L2CPolicy.from_official(a.router, theta=theta, budget=a.budget, cache_interval=a.cache_interval)
+            try:
+                policy.prepare(layout, solver)  # evaluate.py's checks and messages (length vs depth, steps)
+            except ValueError as e:
+                raise ValueError(f"{e} (the layout comes from --backbone {a.backbone}; name the router's backbone, "
+                                 f"e.g. --backbone dit for a DiT-XL/2 router)") from None
             what = {"policy": "l2c", "router": str(a.router), "theta": theta, "budget": a.budget,
                     "cache_interval": a.cache_interval}
         mask = ss.static_mask(policy, layout, solver)

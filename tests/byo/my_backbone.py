@@ -3,7 +3,7 @@ conditioned through the time embedding. It trains and evaluates an L2C router wi
 import torch
 from torch import nn
 
-from diffcache.backbones.base import CachedBackbone
+from diffcache.backbones.base import Branch, CachedBackbone
 from diffcache.backbones.layers import Attention, Mlp, PatchEmbed, TimestepEmbedder
 
 
@@ -31,7 +31,7 @@ class TinyMixer(CachedBackbone):
         B, p, s = x.shape[0], self.patch_size, self.input_size // self.patch_size
         h = self.embed(x) + (self.t_embed(torch.as_tensor(t, device=x.device).expand(B)) + self.y_embed(y))[:, None]
         for i, blk in enumerate(self.blocks):  # every residual branch goes through a cache site
-            h = h + self.site(i, "attn", blk["attn"], blk["n1"](h))
-            h = h + self.site(i, "mlp", blk["mlp"], blk["n2"](h))
+            h = h + self.site(i, "attn", Branch(blk["attn"], h, blk["n1"]))  # evaluated only if not reused
+            h = h + self.site(i, "mlp", Branch(blk["mlp"], h, blk["n2"]))
         h = self.out(h).reshape(B, s, s, p, p, self.in_channels)
         return torch.einsum("nhwpqc->nchpwq", h).reshape(B, self.in_channels, s * p, s * p)

@@ -426,7 +426,8 @@ def test_hard_inference_reuses_cached_branch_and_applies_current_gate(bb):
     p.begin(StepContext(nfe=0, step=0, num_steps=4, num_evals=4))
     bb(x0, t0)
     # the full step keeps only what the next cache step reuses (0.mlp, 1.attn, 2.attn)
-    assert sorted(p._cache) == [("all", 0, "mlp"), ("all", 1, "attn"), ("all", 2, "attn")]
+    stored = sorted(k for k, v in p._cache.items() if v is not None)  # keys of unstored sites hold None
+    assert stored == [("all", 0, "mlp"), ("all", 1, "attn"), ("all", 2, "attn")]
     p.begin(StepContext(nfe=1, step=1, num_steps=4, num_evals=4))
     out = bb(x1, t1)
     cached = {}
@@ -473,7 +474,7 @@ def test_disabled_is_a_pass_through_that_never_touches_the_cache(bb):
     p.begin(StepContext(nfe=1, step=1, num_steps=4, num_evals=4))
     with p.disabled():
         out = bb(x, t)
-    assert p._cache == {}
+    assert all(v is None for v in p._cache.values())  # nothing stored (begin only laid out the keys)
     plain = StandIn(bb.depth, 8)
     plain.load_state_dict(bb.state_dict())
     assert torch.equal(out, plain(x, t))

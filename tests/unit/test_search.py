@@ -191,7 +191,7 @@ def test_fora_exports_step_level_and_is_not_an_l2c_router(tiny):
         ss.router_from_schedule(obj, backbone.layout, solver)
 
 
-def test_export_cli(tiny, table, tmp_path):
+def test_export_cli(tiny, table, tmp_path, capsys):
     from diffcache.export_schedule import main
 
     backbone, solver = tiny
@@ -205,6 +205,14 @@ def test_export_cli(tiny, table, tmp_path):
     assert obj["mask"] == ss.static_mask(res.policy, backbone.layout, solver)
     assert cd["polarity"] == "1 = compute" and "lost" in cd
     assert main(["--solver", "ddim20", "--out", str(tmp_path / "x.json")]) == 2  # neither router nor --fora
+    capsys.readouterr()
+    # issue 23.7: a tiny_dit router (depth 2) read with the default layout (mnist_dit, depth 6): evaluate's sentence
+    assert main([str(path), "--solver", "ddim20", "--out", str(tmp_path / "y.json")]) == 2
+    err = capsys.readouterr().err
+    assert "router length 4 does not match the backbone: depth 6 x 2 kinds" in err and "--backbone" in err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert ":mod:" not in capsys.readouterr().out
 
 
 def test_uvit_dpm_solver2_shifted_schedule(tmp_path):

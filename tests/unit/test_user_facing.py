@@ -3,8 +3,9 @@ checks, sweep tables, benchmark keys."""
 from __future__ import annotations
 
 import csv
-import importlib.util
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -58,11 +59,38 @@ def test_csv_logger_writes_one_row_per_step_even_across_a_flush(tmp_path):
         ("0", "0.1", "1.0", "0.0"), ("1", "0.1", "2.0", "2.0"), ("2", "0.1", "3.0", "4.0")]
 
 
-def test_progress_bar_prints_small_losses_in_scientific_notation():
-    from diffcache.utils.console import StepProgressBar
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
 
-    fmt = StepProgressBar().theme.metrics_format
-    assert f"{1.234e-6:{fmt}}" == "1.234e-06"
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_off_a_terminal_is_plain_lines_and_on_one_fits_80_columns(tmp_path, monkeypatch):
+    """Issue 23.3: piped stdout gets a plain line every N steps (and the last), the validation stage is announced
+    and reported; on a terminal the one redrawn line fits 80 columns; losses of 1e-6 read 1.234e-06."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    from hydra_utils import compose_cfg
+
+    from diffcache.callbacks.progress import StepProgress
+    from diffcache.tasks import train as train_task
+
+    streams = {True: _Stream(True), False: _Stream(False)}
+    made = iter(streams.values())
+    monkeypatch.setattr(train_task, "StepProgress", lambda total: StepProgress(total, every_steps=2, stream=next(made)))
+    monkeypatch.setenv("COLUMNS", "80")
+    for tty in (True, False):
+        train_task.train(compose_cfg("train", ["trainer.max_steps=4", "data.batch_size=2", "+trainer.val_check_interval=3",
+                                               "trainer.limit_val_batches=1", "+data.val_samples=2",
+                                               "callbacks=none"], tmp_path / str(tty)))
+    plain = streams[False].getvalue().splitlines()
+    assert [ln.split()[1] for ln in plain if ln.startswith("train ")] == ["2/4", "4/4"]
+    assert "validating at step 3" in plain[1] and plain[2].startswith("validation at step 3")
+    assert "\r" not in streams[False].getvalue() and re.search(r"loss \d\.\d{3}e[-+]\d\d", plain[0])
+    drawn = re.split(r"[\r\n]", streams[True].getvalue())
+    assert sum(ln.startswith("train ") for ln in drawn) == 4 and max(map(len, drawn)) <= 79
 
 
 def test_conditioning_labels_prompts_and_refusals(tmp_path):

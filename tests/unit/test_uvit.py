@@ -44,9 +44,9 @@ class ReuseAll(CachePolicy):
         super().__init__()
         self.cache = {}
 
-    def apply(self, layer, kind, module, h, *args):
+    def apply(self, layer, kind, branch):
         if self.ctx.step == 0:
-            self.cache[layer, kind] = module(h, *args)
+            self.cache[layer, kind] = branch()
         return self.cache[layer, kind]
 
 

@@ -38,7 +38,8 @@ class Recorder(CachePolicy):
         super().__init__()
         self.visited, self.shapes = [], []
 
-    def apply(self, layer, kind, module, h, *args):
+    def apply(self, layer, kind, branch):
         self.visited.append((layer, kind))
+        h = branch.input()
         self.shapes.append(tuple(h.shape))
-        return module(h, *args)
+        return branch.run(h)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -13,7 +14,18 @@ from .weights import WHERE_TO_GET, CheckpointError, load_checkpoint
 REGISTRY: dict[str, Callable[..., CachedBackbone]] = {}
 # keys of a backbone config node that are settings of the run, not constructor arguments
 RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "vae", "vae_scale",
-            "clip_denoised")
+            "clip_denoised", "dtype")
+# backbone.dtype: the weights' compute dtype (the solver state stays float32; see the denoiser)
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+          "float16": "float16", "fp64": "float64", "float64": "float64"}
+
+
+def model_dtype(name) -> torch.dtype:
+    """``backbone.dtype`` -> a torch dtype (None: float32)."""
+    key = "fp32" if name is None else str(name).lower()
+    if key not in DTYPES:
+        raise ValueError(f"backbone.dtype={name!r} is not one of fp32, bf16, fp16 (or float32 / bfloat16 / float16)")
+    return getattr(torch, DTYPES[key])
 
 
 def register(name: str):
@@ -90,13 +102,15 @@ def check_weights_given(arch: str | None, ckpt: str | None, random_init: bool) -
 
 
 def load_backbone(arch: str, ckpt: str | None = None, random_init: bool = False, clip_denoised: bool | None = None,
-                  **overrides) -> CachedBackbone:
+                  dtype=None, **overrides) -> CachedBackbone:
     """The one teacher loader: build ``arch``, load ``ckpt`` strictly, eval mode (a frozen teacher).
 
-    ``clip_denoised`` None keeps the variant's sampling convention (the pixel-space MNIST variants clip x0).
+    ``clip_denoised`` None keeps the variant's sampling convention (the pixel-space MNIST variants clip x0);
+    ``dtype`` (fp32 | bf16 | fp16) is the weights' compute dtype.
     """
+    dt = model_dtype(dtype)  # a bad name fails before a slow build
     check_weights_given(arch, ckpt, random_init)
-    return _ready(build_backbone(arch, **overrides), ckpt, clip_denoised)
+    return _ready(build_backbone(arch, **overrides), ckpt, clip_denoised).to(dt)
 
 
 def from_config(cfg) -> CachedBackbone:
@@ -105,11 +119,21 @@ def from_config(cfg) -> CachedBackbone:
     arguments but settings of the run (weights, guidance, noise schedule, x0 clipping)."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
     run = {k: c.pop(k) for k in RUN_KEYS if k in c}
+    dt = model_dtype(run.get("dtype"))  # a bad name fails before a slow build
     if "_target_" not in c:
         raise ValueError("the backbone config needs _target_ (e.g. diffcache.backbones.build_backbone with arch=, "
                          "or your own CachedBackbone subclass)")
     check_weights_given(c.get("arch"), run.get("ckpt"), bool(run.get("random_init", False)))
-    return _ready(instantiate(c, **(run.get("overrides") or {})), run.get("ckpt"), run.get("clip_denoised"))
+    return _ready(instantiate(c, **(run.get("overrides") or {})), run.get("ckpt"), run.get("clip_denoised")).to(dt)
+
+
+def meta_backbone(cfg) -> CachedBackbone:
+    """The backbone of a config node on the meta device: its layout and conventions, no weights, no memory
+    (the preflight's router-shape checks)."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    run = {k: c.pop(k) for k in RUN_KEYS if k in c}
+    with torch.device("meta"):
+        return instantiate(c, **(run.get("overrides") or {}))
 
 
 def _ready(model: CachedBackbone, ckpt: str | None, clip_denoised: bool | None) -> CachedBackbone:
@@ -122,4 +146,4 @@ def _ready(model: CachedBackbone, ckpt: str | None, clip_denoised: bool | None) 
 
 __all__ = ["RUN_KEYS", "CachedBackbone", "CheckpointError", "REGISTRY", "available", "build_backbone",
            "check_weights_given", "count_parameters", "family_class", "from_config", "from_mapping", "load_backbone",
-           "load_checkpoint", "register"]
+           "load_checkpoint", "meta_backbone", "model_dtype", "register"]

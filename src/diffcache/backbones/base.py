@@ -1,7 +1,14 @@
 """The backbone contract: every residual branch runs through a cache site.
 
-A block writes ``x = x + gate * self.site(layer, "mlp", self.mlp, h)``. With no policy bound the
-site is a plain call, so outputs are bit-identical to the uncached model. A policy is bound only for
+A block hands the site its whole branch, unevaluated, and adds the gated result in one fused op::
+
+    x = residual(x, gate, self.site(layer, "mlp", Branch(blk.mlp, x, blk.norm2, shift, scale)))
+
+so a policy that reuses the branch skips its input computation too (LayerNorm, modulate): a reused
+branch costs only its gated add. A token cache evaluates the branch on a token subset
+(``branch(idx)``: gather, then norm and modulate only those tokens). With no policy bound the site is
+``branch()``, so outputs are bit-identical to the uncached model. The older call
+``self.site(layer, kind, module, h, *args)`` (input computed by the block) still works. A policy is bound only for
 the duration of a run (``with policy.bound(backbone, solver):``); it is stored with
 ``object.__setattr__`` so it is *not* a registered submodule: backbone ``state_dict`` keys stay those
 of the official checkpoints, and backbone parameters never mix with trainable policy parameters.
@@ -19,6 +26,55 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+
+class Branch:
+    """One residual branch, not yet evaluated: tokens ``x`` -> ``norm`` -> modulate -> ``module(h, *args)``.
+
+    ``branch()`` computes it on every token, ``branch(idx)`` on the tokens ``idx`` (B, k) only (per-token
+    norm and modulation commute with a gather); :meth:`input` and :meth:`run` split the two halves for
+    policies that also score the input (ToCa). ``shift`` / ``scale``: (B, 1, C) adaLN modulation or None.
+    """
+
+    __slots__ = ("module", "x", "norm", "shift", "scale", "args")
+
+    def __init__(self, module: Callable[..., torch.Tensor], x: torch.Tensor, norm: Callable | None = None,
+                 shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, args: tuple = ()):
+        self.module, self.x, self.norm, self.shift, self.scale, self.args = module, x, norm, shift, scale, args
+
+    def input(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The module's input on all tokens, or on the tokens ``idx`` (B, k)."""
+        h = self.x if idx is None else self.x.gather(1, idx.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.scale is not None:
+            h = modulate_tokens(h, self.shift, self.scale)
+        return h
+
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        return self.module(h, *self.args)
+
+    def __call__(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(self.input(idx))
+
+
+def as_branch(branch, inputs: tuple) -> Branch:
+    """A :class:`Branch`, or the older ``(module, h, *args)`` call (input already computed) wrapped as one."""
+    if isinstance(branch, Branch):
+        return branch
+    if not inputs:
+        raise TypeError("site(layer, kind, branch) takes a Branch, or a module followed by its input tensor")
+    return Branch(branch, inputs[0], args=tuple(inputs[1:]))
+
+
+def modulate_tokens(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN ``h * (1 + scale) + shift`` with (B, 1, C) shift / scale, as one fused kernel over the tokens."""
+    return torch.addcmul(shift, h, 1 + scale)
+
+
+def residual(x: torch.Tensor, gate: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``x + gate * out`` as one fused op (``addcmul``); ``x + out`` without a gate."""
+    return x + out if gate is None else torch.addcmul(x, gate, out)
 
 
 @dataclass(frozen=True)
@@ -115,12 +171,24 @@ class CachedBackbone(nn.Module):
         finally:
             object.__setattr__(self, "_policy", None)
 
-    def site(self, layer: int, kind: str, module: Callable[..., torch.Tensor], h: torch.Tensor, *args: Any) -> torch.Tensor:
-        """Run branch ``kind`` of ``layer`` on token input ``h`` (B, N, C); returns the *ungated* output."""
+    def site(self, layer: int, kind: str, branch: Branch | Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
+        """Branch ``kind`` of ``layer``: its *ungated* output (B, N, C), computed or from the bound policy's cache.
+
+        ``branch``: a :class:`Branch`; or a module followed by its input ``h`` and extra arguments (the
+        older call, which computes the input before the site even when the branch is reused)."""
+        branch = as_branch(branch, inputs)
         policy = self._policy
         if policy is None:
-            return module(h, *args)
-        return policy.site(layer, kind, module, h, *args)
+            return branch()
+        return policy.site(layer, kind, branch)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (of its first floating parameter): model inputs are cast to it."""
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
 
     @classmethod
     def unwrap_checkpoint(cls, obj: Any) -> dict[str, torch.Tensor]:

@@ -7,8 +7,9 @@ Parameter names follow ``facebookresearch/DiT`` ``models.py`` so the released ``
 adaLN_modulation.1}``, ``final_layer.{linear, adaLN_modulation.1}``.
 
 adaLN-Zero: each block regresses (shift, scale, gate) for both branches from ``c = t_emb + y_emb``;
-the site returns the *ungated* branch output and the block applies the current step's gate, which is
-what both L2C and ToCa cache. With ``learn_sigma`` the output has 2·C channels (eps, variance).
+the block hands each site its branch (norm1 -> modulate -> attn) unevaluated, the site returns the
+*ungated* output (what both L2C and ToCa cache) and the block adds it under the current step's gate in
+one fused ``addcmul``. With ``learn_sigma`` the output has 2·C channels (eps, variance).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import CachedBackbone, Linear, make_variants
+from .base import Branch, CachedBackbone, Linear, make_variants, residual
 from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
 
 
@@ -147,9 +148,10 @@ class DiT(CachedBackbone):
 
     # ------------------------------------------------------------------ forward
     def _block(self, i: int, blk: DiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = blk.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.site(i, "attn", blk.attn, modulate(blk.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.site(i, "mlp", blk.mlp, modulate(blk.norm2(x), shift_mlp, scale_mlp))
+        # (B, 1, C) each: broadcast over tokens inside the fused kernels, no per-branch unsqueeze copies
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = blk.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        x = residual(x, gate_msa, self.site(i, "attn", Branch(blk.attn, x, blk.norm1, shift_msa, scale_msa)))
+        x = residual(x, gate_mlp, self.site(i, "mlp", Branch(blk.mlp, x, blk.norm2, shift_mlp, scale_mlp)))
         return x
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:

@@ -127,19 +127,32 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
+    def forward_with_column_scores(self, x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x), column_scores(x))`` from one qkv projection (ToCa's fresh steps need both)."""
+        B, N, C = x.shape
+        q, k, v = self._qkv(x)
+        o = F.scaled_dot_product_attention(q, k, v)
+        with torch.no_grad():
+            scores = self._column_scores(q.detach(), k.detach(), chunk)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C)), scores
+
     @torch.no_grad()
     def column_scores(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """``sum_i mean_h softmax(q k^T / sqrt(d))[i, j]`` -> (B, N), how much attention each token receives.
 
-        Query-chunked so peak memory is O(B·H·chunk·N), never the full N×N map (ToCa's s1 score).
+        Query-chunked so peak memory is O(B·H·chunk·N), never the full N×N map (ToCa's s1 score); in the
+        model's dtype (bf16 / fp16 matmuls on a half-precision model, softmax statistics as torch keeps them).
         """
         q, k, _ = self._qkv(x)
-        scale = self.head_dim ** -0.5
-        out = torch.zeros(q.shape[0], k.shape[2], dtype=torch.float32, device=x.device)
+        return self._column_scores(q, k, chunk)
+
+    def _column_scores(self, q: torch.Tensor, k: torch.Tensor, chunk: int) -> torch.Tensor:
+        kt = k.transpose(-1, -2) * self.head_dim ** -0.5  # the scale folded into k once, not per chunk
+        out = None
         for s in range(0, q.shape[2], chunk):
-            a = torch.softmax((q[:, :, s:s + chunk].float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
-            out += a.mean(1).sum(1)
-        return out
+            part = torch.softmax(q[:, :, s:s + chunk] @ kt, dim=-1).sum(2)  # (B, H, N): column sums of the chunk
+            out = part if out is None else out.add_(part)
+        return out.mean(1)
 
 
 class CrossAttention(nn.Module):
@@ -178,7 +191,7 @@ class CrossAttention(nn.Module):
     def entropy(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Entropy (natural log, +1e-7 inside) of the head-averaged cross-attention row of each token -> (B, N)."""
         q, k, _ = self._qk_v(x, cond)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim ** -0.5
+        logits = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # the model's dtype (no float32 detour)
         if mask is not None:
             logits = logits.masked_fill(~self._bias(mask), float("-inf"))
         p = torch.softmax(logits, dim=-1).mean(1)  # (B, N, L)

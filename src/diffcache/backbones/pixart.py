@@ -13,9 +13,11 @@ and ``PixArt_blocks.py`` (the non-multi-scale model used at 256 and 512), so the
   learned null caption ``y_embedder.y_embedding`` (token_num x caption_channels, a persistent buffer).
 * Block ``i``::
 
-      x += gate_msa * site(i, "attn",  attn,       t2i_modulate(norm1(x), shift_msa, scale_msa))
-      x +=            site(i, "xattn", cross_attn, x, y, mask)      # query = un-normalised x, no gate
-      x += gate_mlp * site(i, "mlp",   mlp,        t2i_modulate(norm2(x), shift_mlp, scale_mlp))
+      x += gate_msa * site(i, "attn",  attn       on t2i_modulate(norm1(x), shift_msa, scale_msa))
+      x +=            site(i, "xattn", cross_attn on x, y, mask)     # query = un-normalised x, no gate
+      x += gate_mlp * site(i, "mlp",   mlp        on t2i_modulate(norm2(x), shift_mlp, scale_mlp))
+
+  each branch handed to the site unevaluated (:class:`~.base.Branch`), each gated add one ``addcmul``.
 
 * ``final_layer``: norm_final, ``t2i_modulate`` with ``scale_shift_table (2, D) + t`` (the embedding
   before ``t_block``), ``linear`` -> unpatchify to ``2 * in_channels`` channels (learned sigma).
@@ -35,7 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .base import CachedBackbone, Linear, make_variants
+from .base import Branch, CachedBackbone, Linear, make_variants, residual
 from .layers import Attention, CrossAttention, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 
 
@@ -345,9 +347,9 @@ class PixArt(CachedBackbone):
         B = x.shape[0]
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
             blk.scale_shift_table[None] + t0.reshape(B, 6, -1)).chunk(6, dim=1)  # (B, 1, D) each
-        x = x + gate_msa * self.site(i, "attn", blk.attn, t2i_modulate(blk.norm1(x), shift_msa, scale_msa))
-        x = x + self.site(i, "xattn", blk.cross_attn, x, y, mask)
-        x = x + gate_mlp * self.site(i, "mlp", blk.mlp, t2i_modulate(blk.norm2(x), shift_mlp, scale_mlp))
+        x = residual(x, gate_msa, self.site(i, "attn", Branch(blk.attn, x, blk.norm1, shift_msa, scale_msa)))
+        x = x + self.site(i, "xattn", Branch(blk.cross_attn, x, args=(y, mask)))
+        x = residual(x, gate_mlp, self.site(i, "mlp", Branch(blk.mlp, x, blk.norm2, shift_mlp, scale_mlp)))
         return x
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:

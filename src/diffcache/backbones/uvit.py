@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import CachedBackbone, Linear, make_variants
+from .base import Branch, CachedBackbone, Linear, make_variants
 from .layers import Attention, Mlp, PatchEmbed, sinusoid_dtype, timestep_embedding
 
 
@@ -173,8 +173,8 @@ class UViT(CachedBackbone):
     def _block(self, layer: int, blk: UViTBlock, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if blk.skip_linear is not None:
             x = blk.skip_linear(torch.cat([x, skip], dim=-1))  # always recomputed, never a cache site
-        x = x + self.site(layer, "attn", blk.attn, blk.norm1(x))
-        x = x + self.site(layer, "mlp", blk.mlp, blk.norm2(x))
+        x = x + self.site(layer, "attn", Branch(blk.attn, x, blk.norm1))
+        x = x + self.site(layer, "mlp", Branch(blk.mlp, x, blk.norm2))
         return x
 
     def embed(self, x: torch.Tensor, t, y=None) -> torch.Tensor:

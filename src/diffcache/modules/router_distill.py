@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import lightning as L
 import torch
@@ -117,6 +117,7 @@ class RouterDistill(QualityValidation, L.LightningModule):
         # restores it after validation), so the policy, built in eval (hard) mode, must be switched here:
         # under hard routing the MSE has no gradient and only the L1 term would move the logits.
         self.policy.train()
+        self.policy.clamp_()  # a no-op except after a resume: ModelCheckpoint saves before on_train_batch_end clamps
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.parameters())

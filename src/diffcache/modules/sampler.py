@@ -1,6 +1,6 @@
 """Sampling at scale: a fixed sample set split into shards, shards spread over ranks by Lightning.
 
-Sample ``i`` always uses noise and conditioning seeded by ``i`` (:func:`~diffcache.data.seeded.seeded_inputs`)
+Sample ``i`` always uses noise, conditioning and per-step solver noise seeded by ``i`` (:mod:`~diffcache.data.seeded`)
 and shard ``s`` always holds samples ``s * shard_size .. (s+1) * shard_size - 1`` computed as ONE batch, so
 the set (bit for bit) does not depend on the number of ranks or nodes. Each shard is written atomically
 as soon as it is done; a rerun skips the shards already on disk, so a killed evaluation resumes and ends
@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.seeded import seeded_inputs
+from ..data.seeded import seeded_inputs, step_generators
 from ..sampling import sample
 
 
@@ -76,8 +76,8 @@ class ShardedSampler(L.LightningModule):
             return None
         idx = list(range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_samples)))
         noise, cond = self.inputs(idx, self.device)
-        g = torch.Generator().manual_seed(self.seed * 104729 + shard)  # per-step noise of stochastic solvers
-        x = sample(self.backbone, self.solver, self.policy, noise, cond, self.guidance, generator=g,
+        x = sample(self.backbone, self.solver, self.policy, noise, cond, self.guidance,
+                   generator=step_generators(idx, self.seed),
                    progress=self.progress).float().cpu()
         blob = {"index": torch.tensor(idx), "samples": x, "cond": _cpu(cond)}
         images = self.decode(x.to(self.device)).cpu() if self.decode is not None else x

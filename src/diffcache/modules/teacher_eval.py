@@ -15,6 +15,7 @@ import torch
 
 from ..backbones import load_backbone
 from ..data.mnist import load_mnist
+from ..data.seeded import seeded_noise, step_generators
 from ..metrics.generative import to_uint8
 from ..metrics.mnist import build_mnist_metrics
 from ..sampling import sample
@@ -28,10 +29,9 @@ def generate(backbone, labels: torch.Tensor, guidance: float | None, schedule: s
     """CFG samples with the family's 20-evaluation sampler; noise of sample i seeded by (seed, i)."""
 
     solver = grid_solver(backbone, schedule, 20, time_input)
-    shape = (backbone.in_channels, backbone.input_size, backbone.input_size)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-                         for i in range(len(labels))])
-    out = [sample(backbone, solver, None, noise[i:i + batch], labels[i:i + batch], guidance)
+    noise = seeded_noise((backbone.in_channels, backbone.input_size, backbone.input_size), range(len(labels)), seed)
+    out = [sample(backbone, solver, None, noise[i:i + batch], labels[i:i + batch], guidance,
+                  generator=step_generators(range(i, min(i + batch, len(labels))), seed))
            for i in range(0, len(labels), batch)]
     return torch.cat(out).clamp(-1, 1)
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..data.seeded import seeded_inputs
+from ..data.seeded import seeded_inputs, step_generators
 from ..metrics.cost import policy_cost
 from ..sampling import sample
+from ..utils.grids import class_labels, labelled_grid
 
 
 class QualityValidation:
@@ -44,14 +45,15 @@ class QualityValidation:
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.quality is None:
             return
-        noise, cond = seeded_inputs(self.backbone, batch["index"].tolist(), self.val_seed, self.device)
-        g = torch.Generator().manual_seed(self.val_seed + int(batch["index"][0]))
-        cached = sample(self.backbone, self.solver, self.policy, noise, cond, self.val_guidance, generator=g)
-        g = torch.Generator().manual_seed(self.val_seed + int(batch["index"][0]))
-        full = sample(self.backbone, self.solver, None, noise, cond, self.val_guidance, generator=g)
+        idx = batch["index"].tolist()
+        noise, cond = seeded_inputs(self.backbone, idx, self.val_seed, self.device)
+        cached = sample(self.backbone, self.solver, self.policy, noise, cond, self.val_guidance,
+                        generator=step_generators(idx, self.val_seed))
+        full = sample(self.backbone, self.solver, None, noise, cond, self.val_guidance,
+                      generator=step_generators(idx, self.val_seed))
         self.quality.update(cached.clamp(-1, 1), full.clamp(-1, 1))
         if batch_idx == 0:
-            self._val_grid = (cached[:8].detach().cpu(), full[:8].detach().cpu())
+            self._val_grid = (cached[:8].detach().cpu(), full[:8].detach().cpu(), cond[:8].cpu())
 
     def on_validation_epoch_end(self) -> None:
         if self.quality is None:
@@ -65,20 +67,23 @@ class QualityValidation:
             out["val/cached_fraction"] = st["cached"] / max(st["cacheable"], 1)
         self.log_dict(out, sync_dist=False)  # already identical on every rank
         if self.trainer.is_global_zero and self._val_grid is not None:
-            self._save_grid(*self._val_grid)
+            self._save_grid(*self._val_grid, out)
 
-    def _save_grid(self, cached: torch.Tensor, full: torch.Tensor) -> None:
-        from torchvision.utils import save_image
+    def _save_grid(self, cached: torch.Tensor, full: torch.Tensor, cond, logged: dict) -> None:
+        """``val_samples/step_*.png``: the router's row (its MACs and PSNR to the teacher) over the teacher's row,
+        the same noise and class in each column."""
 
         step = self.trainer.global_step
         path = Path(self.trainer.default_root_dir) / "val_samples" / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid = torch.cat([cached, full]).float().clamp(-1, 1) * 0.5 + 0.5  # top row cached, bottom teacher
-        save_image(torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest"), path, nrow=len(cached))
+        psnr = logged.get("val/psnr")
+        router = f"router ({self.policy.name}, hard routing)\n{logged['val/macs_fraction']:.2f} MACs" + (
+            f", {float(psnr):.1f} dB to teacher" if psnr is not None else "")
+        labelled_grid([x.float().clamp(-1, 1) * 0.5 + 0.5 for x in (cached, full)], [router, "teacher (uncached)\n1.00 MACs"],
+                      class_labels(cond, len(cached)), path, f"validation at step {step}, seed {self.val_seed}")
         for lg in self.trainer.loggers:
             name = type(lg).__name__
             if name == "WandbLogger":
-                lg.log_image(key="val/samples", images=[str(path)], step=step, caption=["top: cached, bottom: teacher"])
+                lg.log_image(key="val/samples", images=[str(path)], step=step, caption=["top: router (cached), bottom: teacher"])
             elif name == "TensorBoardLogger":
                 from torchvision.io import read_image
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..backbones.base import Branch, as_branch
 from ..context import StepContext
 
 
@@ -102,13 +103,17 @@ class CachePolicy(nn.Module):
             self.train(prev)
 
     # ------------------------------------------------------------------ the hook
-    def site(self, layer: int, kind: str, module: Callable[..., torch.Tensor], h: torch.Tensor, *args: Any) -> torch.Tensor:
+    def site(self, layer: int, kind: str, branch: Branch | Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
+        """The backbone's hook: ``branch`` is a :class:`~diffcache.backbones.base.Branch` (or the older
+        ``module, h, *args``). A policy computes it (``branch()``), on some tokens (``branch(idx)``), or
+        returns a cached output without touching it (then the branch's input is never computed)."""
+        branch = as_branch(branch, inputs)
         if not self._enabled or self.ctx is None:
-            return module(h, *args)
-        return self.apply(layer, kind, module, h, *args)
+            return branch()
+        return self.apply(layer, kind, branch)
 
-    def apply(self, layer: int, kind: str, module, h: torch.Tensor, *args: Any) -> torch.Tensor:
-        return module(h, *args)
+    def apply(self, layer: int, kind: str, branch: Branch) -> torch.Tensor:
+        return branch()
 
     # ------------------------------------------------------------------ reporting
     def compute_mask(self, layout, solver) -> dict[tuple[int, int, str], float] | None:

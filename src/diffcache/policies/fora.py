@@ -14,8 +14,6 @@ is available. ``interval=1`` is the uncached model. Caches are kept per CFG bran
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .base import CachePolicy
@@ -45,6 +43,7 @@ class FORAPolicy(CachePolicy):
         self.geometry = None  # (depth, site_kinds), from the layout a run (or compute_mask) prepares
         self._cache: dict[tuple[str, int, str], torch.Tensor] = {}
         self._plans: dict[int, list[bool]] = {}
+        self.decision: bool | None = None  # this evaluation computes (and stores) every branch
 
     def prepare(self, layout, solver=None) -> None:
         self.geometry = (int(layout.depth), tuple(layout.site_kinds))
@@ -57,20 +56,30 @@ class FORAPolicy(CachePolicy):
 
     def reset(self) -> None:
         self._cache.clear()
+        self.decision = None
 
-    def apply(self, layer: int, kind: str, module, h: torch.Tensor, *args: Any) -> torch.Tensor:
+    def begin(self, ctx) -> None:
+        super().begin(ctx)
+        # the evaluation's one static choice (the site reads nothing else): a compiled forward has two graphs
+        self.decision = bool(self.full(ctx.num_evals)[ctx.nfe])
+        if self.geometry is not None and (ctx.branch, 0, self.geometry[1][0]) not in self._cache:
+            # every key present from the start (None until stored): the cache's shape never changes in a run
+            depth, kinds = self.geometry
+            self._cache.update({(ctx.branch, layer, kind): None for layer in range(depth) for kind in kinds})
+
+    def apply(self, layer: int, kind: str, branch) -> torch.Tensor:
         ctx = self.ctx
         key = (ctx.branch, layer, kind)
-        if self.full(ctx.num_evals)[ctx.nfe]:
-            out = module(h, *args)
+        if self.decision:
+            out = branch()
             self._cache[key] = out
             return out
-        out = self._cache.get(key)
+        out = self._cache.get(key)  # reused: the branch (its norm and modulation too) is never evaluated
         if out is None:
             raise RuntimeError(f"FORA: no cached output for layer {layer} '{kind}' (branch {ctx.branch!r}) at nfe "
                                f"{ctx.nfe}; a run must start at its first evaluation")
-        if out.shape[0] != h.shape[0]:
-            raise RuntimeError(f"FORA cache holds a batch of {out.shape[0]} but this evaluation runs {h.shape[0]}")
+        if out.shape[0] != branch.x.shape[0]:
+            raise RuntimeError(f"FORA cache holds a batch of {out.shape[0]} but this evaluation runs {branch.x.shape[0]}")
         return out
 
     def compute_mask(self, layout=None, solver=None) -> dict[tuple[int, int, str], float]:

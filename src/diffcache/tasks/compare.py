@@ -1,42 +1,43 @@
-"""The comparison users care about: a trained router against the cheap alternatives, on one teacher and one
-fixed seeded sample set, at equal compute.
+"""The comparison users care about: a trained router (or none) against the cheap alternatives, on one teacher
+and one fixed seeded sample set, at equal compute.
 
-Rows: the full sampler; L2C at its theta; the fewest-step version of the same solver whose MACs are >= L2C's
-(the "fewer steps" baseline at equal compute); FORA at each interval asked for; ToCa with the backbone's
-preset. Each row: quality from the configured metrics (e.g. MNIST-FID / MNIST-IS), PSNR / MSE to the full
-sampler on the same noise, MACs per image (CFG included), latency (median wall time of one batch: of the
-quality batches themselves by default, or of ``latency_repeats`` extra runs after a warm-up) and the measured
-speedup. A budget-conditioned router (``module.objective=budget``) gives one row per ``compare.router_budgets``
-instead of the theta row; ``compare.search.budgets`` adds searched schedules (greedy and DP, on a calibration
-set disjoint from the evaluation set), each with its search wall time (``search_s``) next to the router's
-training time (``train_s``). Written as ``comparison.{csv,md,json}`` and printed, with ``comparison_samples.png`` (one row of
-samples per method, the same noise and labels in every column) when the backbone samples images. Rows are
-cached on disk (:class:`RowCache`); a reused row keeps the latency measured when it was made.
+The rows come from :data:`~diffcache.tasks.methods.METHODS` (full sampler; L2C at its theta or a
+budget-conditioned router's budgets; fewer steps of the same solver, the one whose MACs reach the router's
+tagged "fewer steps"; FORA; ToCa; searched schedules). Each is measured into a
+:class:`~diffcache.utils.record.Row`: quality from the configured metrics (e.g. MNIST-FID / MNIST-IS), PSNR /
+MSE to the full sampler on the same noise, MACs per image (CFG included), latency (median wall time of one
+batch: of the quality batches themselves by default, or of ``latency_repeats`` extra runs after a warm-up) and
+the measured speedup, search / training wall time. Written as ``results.json`` (the records) and
+``comparison.{md,csv}`` (the table, with a caption: teacher, samples, commit, machine), with
+``comparison_samples.png`` (one labelled row per method, the same noise and classes in every column) when the
+backbone samples images. Measured rows are kept on disk (:class:`RowCache`); a reused row keeps the numbers
+(and latency) measured when it was made, and its role in the table is recomputed for this run.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import os
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ..data.seeded import seeded_inputs
+from ..backbones import from_config
+from ..data.seeded import seeded_inputs, step_generators
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
-from ..policies.fora import FORAPolicy
-from ..policies.l2c import L2CPolicy
-from ..policies.toca import ToCaPolicy
 from ..sampling import sample
-from ..search import ScheduleSearch
+from ..utils.build import build_solver
+from ..utils.console import setup_console
+from ..utils.grids import class_labels, labelled_grid
 from ..utils.hashing import file_sha256
+from ..utils.record import Row, caption, provenance, save_rows, teacher_label, write_table
+from .methods import Context, candidates, mark_equal_compute
 
 log = logging.getLogger(__name__)
 GRID_COLUMNS = 12
@@ -46,99 +47,18 @@ def _samples(backbone, solver, policy, n: int, bs: int, guidance, seed: int, dev
     """The seeded set and the wall time of each full batch (the latency when ``latency_repeats`` is 0)."""
     out, times = [], []
     for start in range(0, n, bs):
-        noise, cond = seeded_inputs(backbone, range(start, min(start + bs, n)), seed, device)
+        idx = range(start, min(start + bs, n))
+        noise, cond = seeded_inputs(backbone, idx, seed, device)
         t = measure(lambda: out.append(sample(backbone, solver, policy, noise, cond, guidance,
-                                              generator=torch.Generator().manual_seed(seed + start)).cpu()),
+                                              generator=step_generators(idx, seed)).cpu()),
                     repeats=1, warmup=0, device=device)
         if noise.shape[0] == bs:
             times.append(t["median_s"])
     return torch.cat(out), times
 
 
-def fewer_steps(solver_cfg, backbone, target_macs: float, guidance):
-    """The smallest step count of the same solver whose full MACs reach ``target_macs`` (None if none)."""
-    for n in range(1, int(solver_cfg.num_steps) + 1):  # the config's num_steps (the NFE for DPM-Solver-2)
-        try:
-            s = instantiate(solver_cfg, num_steps=n)
-        except (ValueError, InstantiationException):  # e.g. an odd NFE for DPM-Solver-2
-            continue
-        if policy_cost(backbone, s, None, guidance=guidance)["macs_cfg"] >= target_macs:
-            return s
-    return None
-
-
-
-def router_rows(cfg, solver, router_path, full: str) -> list[dict]:
-    """The trained router's rows: L2C at its theta, or one row per budget of a budget-conditioned router."""
-    c, theta, sha = cfg.compare, float(cfg.policy.theta), file_sha256(router_path)
-    if OmegaConf.select(cfg, "module.objective", default="l2c") == "budget":
-        return [dict(method=f"L2C budget-conditioned b={float(b):g}", kind="budget",
-                     key=f"budget:{full}:{sha}:{float(b)!r}", solver=solver,
-                     policy=L2CPolicy.from_official(router_path, solver=solver, theta=theta, budget=float(b)))
-                for b in c.get("router_budgets") or [0.2, 0.4, 0.6, 0.8]]
-    return [dict(method=f"L2C theta={theta:g}", kind="l2c", key=f"l2c:{full}:{sha}:{theta!r}", solver=solver,
-                 policy=L2CPolicy.from_official(router_path, solver=solver, theta=theta))]
-
-
-def search_rows(cfg, solver, full: str) -> list[dict]:
-    """Searched schedules (:class:`~diffcache.search.ScheduleSearch`), one row per (method, budget);
-    the error table is measured once, when the first row not in the cache needs it."""
-    import time
-
-    s = cfg.compare.get("search") or {}
-    budgets, methods = list(s.get("budgets") or []), list(s.get("methods") or ["greedy", "dp"])
-    if not budgets:
-        return []
-    kw = dict(budget_of=s.get("budget_of", "sampler"), proxy=s.get("proxy", "final"),
-              cache_interval=int(cfg.policy.cache_interval), num_samples=int(s.get("num_samples", 16)),
-              seed=int(cfg.compare.seed) + 1000, guidance=float(cfg.compare.guidance), progress=False)
-    state: dict = {}
-
-    def make(backbone, method: str, budget: float):
-        kw["device"] = next(backbone.parameters()).device.type
-        if "table" not in state:  # measured once for every budget and method of this comparison
-            t0 = time.perf_counter()
-            state["table"] = ScheduleSearch(**kw).measure(backbone, solver)
-            state["table_s"] = time.perf_counter() - t0
-        res = ScheduleSearch(budget=budget, method=method, **kw).run(backbone, solver, table=state["table"])
-        return res.policy, {"search_s": state["table_s"] + res.times["select"]}
-
-    tag = ":".join(f"{k}={v}" for k, v in sorted(kw.items()) if k != "progress")
-    return [dict(method=f"search {m} b={float(b):g}", kind="search", key=f"search:{full}:{m}:{float(b)!r}:{tag}",
-                 solver=solver, make=lambda bb, m=m, b=float(b): make(bb, m, b))
-            for b in budgets for m in methods]
-
-
-def candidates(cfg, backbone, solver, router_path, guidance) -> list[dict]:
-    """The rows to measure: ``{"method", "kind", "key", "solver", "policy" | "make"}``; ``key`` names what the
-    row's numbers depend on besides the teacher and the sample set (the row cache's key); ``make(backbone)``
-    builds a row's policy only when it is measured, returning (policy, extra columns)."""
-    c = cfg.compare
-    full = f"{solver.name}-{solver.num_evals}"  # named by model evaluations (NFE), as the configs are
-    trained = router_rows(cfg, solver, router_path, full)
-    rows = [dict(method=f"full {full}", kind="full", key=f"full:{full}", solver=solver, policy=None), *trained]
-    few = fewer_steps(cfg.solver, backbone, policy_cost(backbone, solver, trained[0]["policy"], guidance=guidance)["macs_cfg"],
-                      guidance)
-    steps = sorted({int(n) for n in c.get("steps", [])} | ({few.num_evals} if few is not None else set()))
-    for n in steps:
-        if n < solver.num_evals:
-            s = instantiate(cfg.solver, num_steps=n)
-            tag = "fewer steps" if few is not None and n == few.num_evals else "steps"
-            rows.append(dict(method=f"{tag} {s.name}-{n}", kind="steps", key=f"full:{s.name}-{n}", solver=s, policy=None))
-    for k in c.fora_intervals:
-        rows.append(dict(method=f"FORA N={k}", kind="fora", key=f"fora:{full}:{int(k)}", solver=solver,
-                         policy=FORAPolicy(interval=int(k))))
-    if c.toca and backbone.toca_preset:
-        for v in [{}, *[dict(o) for o in c.get("toca_variants", [])]]:
-            p = ToCaPolicy(backbone.toca_preset, **v)
-            label = "".join(f" {'N' if k == 'fresh_threshold' else 'r'}={val:g}" for k, val in sorted(v.items()))
-            rows.append(dict(method=f"ToCa {backbone.toca_preset}{label}", kind="toca",
-                             key=f"toca:{full}:{backbone.toca_preset}:{sorted(v.items())}", solver=solver, policy=p))
-    return rows + search_rows(cfg, solver, full)
-
-
 class RowCache:
-    """Measured rows on disk, keyed by the teacher's weights, the sample set, the metrics and the row's key:
+    """Measured rows on disk, keyed by the teacher's weights, the sample set, the metrics and the row's identity:
     a second run on the same teacher reuses them (and says so) instead of sampling again."""
 
     def __init__(self, cfg, backbone):
@@ -153,103 +73,151 @@ class RowCache:
                    for k, v in metrics.items()}
         self.base = json.dumps({"teacher": file_sha256(ckpt), "clip": bool(backbone.clip_denoised),
                                 "n": int(c.num_samples), "bs": int(c.batch_size), "seed": int(c.seed),
-                                "guidance": float(c.guidance), "metrics": metrics,
+                                "guidance": float(c.guidance), "metrics": metrics, "seeding": 2,
                                 "latency_repeats": int(c.latency_repeats), "torch": torch.__version__,
                                 "threads": torch.get_num_threads()}, sort_keys=True, default=str)
 
     def _path(self, key: str) -> Path:
         return self.dir / (hashlib.sha256((self.base + key).encode()).hexdigest()[:24] + ".pt")
 
-    def get(self, key: str) -> tuple[dict, torch.Tensor] | None:
-        """(the row, its first samples for the grid), or None."""
+    def get(self, key: str) -> tuple[Row, torch.Tensor] | None:
+        """(the stored record, its first samples for the grid), or None."""
         if self.dir is None or not self._path(key).is_file():
             return None
         blob = torch.load(self._path(key), map_location="cpu", weights_only=True)
-        return json.loads(blob["row"]), blob["grid"]
+        return Row.from_dict(json.loads(blob["row"])), blob["grid"]
 
-    def put(self, key: str, row: dict, grid: torch.Tensor) -> None:
+    def put(self, key: str, row: Row, grid: torch.Tensor) -> None:
+        """Store the record without its role (the role belongs to the run that shows it)."""
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = self._path(key).with_suffix(".tmp")
-            torch.save({"row": json.dumps(row), "grid": grid.detach().cpu().clone()}, tmp)
+            torch.save({"row": json.dumps(replace(row, role="").to_dict()), "grid": grid.detach().cpu().clone()}, tmp)
             os.replace(tmp, self._path(key))
 
 
-def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = None) -> list[dict]:
-    """Measure every candidate row (or reuse it from the cache); ``trained`` (e.g. ``{"train_s": ...}``) is
-    added to the trained router's rows."""
-    c = cfg.compare
-    guidance = float(c.guidance)
+def _measure(ctx: Context, cand, teacher, quality, reference: Row | None) -> tuple[Row, torch.Tensor]:
+    """One candidate's record and its samples."""
+    c, backbone = ctx.c, ctx.backbone
     device = next(backbone.parameters()).device
-    quality = instantiate(cfg.metrics.quality) if cfg.get("metrics") else None
     n, bs, seed = int(c.num_samples), int(c.batch_size), int(c.seed)
-    cache = RowCache(cfg, backbone)
-    cands = candidates(cfg, backbone, solver, router_path, guidance)
+    row, policy = replace(cand.row), cand.policy
+    if cand.make is not None:
+        policy, made = cand.make(backbone)
+        row.search_s = made.get("search_s")
+    x, times = _samples(backbone, cand.solver, policy, n, bs, ctx.guidance, seed, device)
+    if quality is not None:
+        quality.reset()
+        for i in range(0, n, bs):
+            quality.update(x[i:i + bs].clamp(-1, 1), (x if teacher is None else teacher)[i:i + bs].clamp(-1, 1))
+        row.metrics = {k: float(v) for k, v in quality.compute().items()}
+        if reference is None:  # the full sampler against itself: no distance to report
+            row.metrics = {k: v for k, v in row.metrics.items() if k not in ("psnr", "mse")}
+    row.gmacs = policy_cost(backbone, cand.solver, policy, guidance=ctx.guidance)["macs_cfg"] / 1e9
+    row.macs_fraction = row.gmacs / reference.gmacs if reference else 1.0
+    if int(c.latency_repeats) > 0 or not times:
+        noise, cond = seeded_inputs(backbone, range(bs), seed, device)
+        times = [measure(lambda: sample(backbone, cand.solver, policy, noise, cond, ctx.guidance,
+                                        generator=step_generators(range(bs), seed)),
+                         repeats=max(int(c.latency_repeats), 1), warmup=1, device=device)["median_s"]]
+    row.latency_s = statistics.median(times)
+    row.speedup_latency = reference.latency_s / row.latency_s if reference else 1.0
+    return row, x
+
+
+def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = None) -> list[Row]:
+    """Measure every candidate (or reuse it from the cache); ``router_path`` None compares the baselines alone;
+    ``trained`` (e.g. ``{"train_s": ...}``) is added to the trained router's rows."""
+    c = cfg.compare
+    ctx = Context(cfg, backbone, solver, Path(router_path) if router_path else None, float(c.guidance),
+                  _variant(cfg) if router_path else {})
+    quality = instantiate(cfg.metrics.quality) if cfg.get("metrics") else None
+    cache, prov, teacher_name = RowCache(cfg, backbone), provenance(), teacher_label(cfg.backbone)
+    cands = candidates(ctx)
     rows, grid, teacher, reused = [], [], None, 0
-    for cand in cands:
-        s, policy, extra = cand["solver"], cand.get("policy"), dict(trained or {}) if cand["kind"] in ("l2c", "budget") else {}
-        hit = cache.get(cand["key"])
-        if hit is not None:
-            row, shown = hit
-            rows.append({**row, **extra, "reused": True})
-            grid.append(shown)
-            reused += 1
-            continue
-        if teacher is None and cand is not cands[0]:  # the full row came from the cache: its samples did not
-            teacher, _ = _samples(backbone, cands[0]["solver"], None, n, bs, guidance, seed, device)
-        if "make" in cand:
-            policy, made = cand["make"](backbone)
-            extra.update(made)
-        x, times = _samples(backbone, s, policy, n, bs, guidance, seed, device)
-        teacher = x if teacher is None else teacher  # the first row is the full sampler
-        row = {"method": cand["method"], "kind": cand["kind"], "nfe": s.num_evals}
-        if quality is not None:
-            quality.reset()
-            for i in range(0, n, bs):
-                quality.update(x[i:i + bs].clamp(-1, 1), teacher[i:i + bs].clamp(-1, 1))
-            row.update(quality.compute())
-        gmacs = policy_cost(backbone, s, policy, guidance=guidance)["macs_cfg"] / 1e9  # per image, CFG included
-        row.update({"gmacs": gmacs, "macs_fraction": gmacs / rows[0]["gmacs"] if rows else 1.0})
-        if int(c.latency_repeats) > 0 or not times:
-            noise, cond = seeded_inputs(backbone, range(bs), seed, device)
-            times = [measure(lambda: sample(backbone, s, policy, noise, cond, guidance),
-                             repeats=max(int(c.latency_repeats), 1), warmup=1, device=device)["median_s"]]
-        row["latency_s"] = statistics.median(times)
-        row["speedup_latency"] = rows[0]["latency_s"] / row["latency_s"] if rows else 1.0
-        row.update({k: v for k, v in extra.items() if k == "search_s"})  # a search's time belongs to the row
-        cache.put(cand["key"], row, x[:GRID_COLUMNS])
-        rows.append({**row, **extra, "reused": False})
-        grid.append(x[:GRID_COLUMNS])
-        log.info("compare: %s", json.dumps(row))
+    for k, cand in enumerate(cands, 1):
+        key = cand.row.identity() + cand.cache_key
+        hit = cache.get(key)
+        if hit is None:
+            log.info("comparing %d/%d: %s (%d samples)", k, len(cands), cand.row.label(), int(c.num_samples))
+            if teacher is None and cand is not cands[0]:  # the full row came from the cache: its samples did not
+                teacher, _ = _samples(backbone, cands[0].solver, None, int(c.num_samples), int(c.batch_size),
+                                      ctx.guidance, int(c.seed), next(backbone.parameters()).device)
+            row, x = _measure(ctx, cand, teacher, quality, rows[0] if rows else None)
+            teacher = x if teacher is None else teacher  # the first row is the full sampler
+            row.provenance = {**prov, "teacher": teacher_name}
+            cache.put(key, row, x[:GRID_COLUMNS])
+            shown = x[:GRID_COLUMNS]
+        else:
+            (row, shown), reused = hit, reused + 1
+        row.provenance = {**row.provenance, "reused": hit is not None}
+        if cand.trained and trained:
+            row.train_s = trained.get("train_s")
+        rows.append(row)
+        grid.append(shown)
+    mark_equal_compute(rows)
     if reused:
         log.info("compare: %d of %d rows reused from the cache %s (same teacher weights, router, sample set and "
                  "metrics; compare.cache_dir=null measures again)", reused, len(rows), cache.dir)
-    write_table(rows, Path(out_dir) / "comparison")
+    out_dir = Path(out_dir)
+    save_rows(rows, out_dir)
+    text = caption("comparison", teacher_name, int(c.num_samples), int(c.seed), prov)
+    write_table(rows, out_dir / "comparison", text)
     if backbone.in_channels in (1, 3):
-        save_grid(grid, Path(out_dir) / "comparison_samples.png")
+        _grid(rows, grid, backbone, int(c.seed), out_dir / "comparison_samples.png", text)
     return rows
 
 
-def save_grid(rows: list[torch.Tensor], path: Path) -> None:
-    """One row per method (the table's order), upscaled x2 so 32 px digits are visible."""
-    from torchvision.utils import save_image
+def _grid(rows: list[Row], grid: list[torch.Tensor], backbone, seed: int, path: Path, text: str) -> None:
 
-    x = torch.cat(rows).float().clamp(-1, 1) * 0.5 + 0.5
-    save_image(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"), str(path),
-               nrow=rows[0].shape[0], padding=2)
+    _, cond = seeded_inputs(backbone, range(grid[0].shape[0]), seed)
+    labels = []
+    for r in rows:
+        psnr = r.metrics.get("psnr")
+        labels.append(f"{r.label}\n{r.macs_fraction:.2f} MACs" + (f", {psnr:.1f} dB" if psnr is not None else ""))
+    labelled_grid([x.float() * 0.5 + 0.5 for x in grid], labels, class_labels(cond, grid[0].shape[0]), path, text)
 
 
-def write_table(rows: list[dict], stem: Path) -> str:
-    """CSV + Markdown + JSON; returns the Markdown (printed by the task)."""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    md = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-                   + ["| " + " | ".join(fmt(r.get(k)) for k in cols) + " |" for r in rows]) + "\n"
-    stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    return md
+_NOT_ROUTER = ("seed", "hydra", "experiment", "paths", "compare", "router_ckpt", "trainer.enable_progress_bar")
+
+
+def _variant(cfg) -> dict:
+    """The run settings that made this router (the command line's overrides minus seed, paths, comparison):
+    a sweep's frontier groups routers by them and labels points with them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    over = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    pairs = [o.lstrip("+~").split("=", 1) for o in over if "=" in o]
+    out = {k: v for k, v in pairs if not k.startswith(_NOT_ROUTER)}
+    lam = OmegaConf.select(cfg, "policy.lam")
+    if lam is not None and not any(k.endswith("lam") for k in out):  # e.g. an arm (conf/arm/) sets it
+        out["lam"] = f"{float(lam):g}"
+    return out
+
+
+def report(out_dir) -> str:
+    """What the console shows after a comparison: the table (with its caption) and the files that exist."""
+    out_dir = Path(out_dir)
+    files = [out_dir / f for f in ("comparison.md", "comparison.csv", "results.json", "comparison_samples.png",
+                                   "router.pt", "router_heatmaps", "val_samples")]
+    return f"\n{(out_dir / 'comparison.md').read_text()}\nsaved: " + ", ".join(str(f) for f in files if f.exists())
+
+
+def run(cfg) -> list[Row]:
+    """``compare.py``: build the teacher and sampler, compare, print the table (see the module docstring)."""
+
+    setup_console()
+    if not cfg.get("compare"):
+        raise ValueError("compare=none leaves nothing to compare; pick compare=default (or an experiment that sets it)")
+    router = cfg.get("router_ckpt")
+    if router and not Path(router).is_file():
+        raise FileNotFoundError(f"router_ckpt={router} does not exist; train one with train.py (<run>/router.pt) or "
+                                f"pass router_ckpt=null to compare the baselines alone")
+    name = str(cfg.get("device") or "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    backbone = from_config(cfg.backbone).to(device).eval()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = compare(cfg, backbone, build_solver(cfg.solver), router, out)
+    print(report(out))
+    return rows

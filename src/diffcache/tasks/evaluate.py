@@ -10,7 +10,6 @@ has error 0, and every number reproduces (everything is seeded per sample index)
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -18,18 +17,16 @@ import torch
 from omegaconf import DictConfig
 
 from ..backbones import from_config
-from ..data.seeded import seeded_inputs
+from ..data.seeded import seeded_inputs, step_generators
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
 from ..modules.sampler import ShardedSampler, gather, set_hash
-from ..sampling import sample
+from ..sampling import compile_backbone, sample
 from ..utils.build import build_loggers, build_policy, build_solver
 from ..utils.console import setup_console
 from ..utils.hashing import file_sha256
+from ..utils.record import QUALITY, Row, caption, provenance, save_rows, teacher_label, write_table
 from .eval_io import Conditioning, decode, save_grid
-
-log = logging.getLogger(__name__)
-
 
 def _device(name: str) -> torch.device:
     if name == "auto":
@@ -40,14 +37,15 @@ def _device(name: str) -> torch.device:
 
 
 def _batches(cfg, backbone, device, conditioning: Conditioning):
-    """(noise, cond, generator) seeded per sample index: results never depend on the batch size; the
-    generator feeds stochastic solvers (DDPM) so cached and full runs share their per-step noise."""
+    """(noise, cond, step generators) seeded per sample index (:mod:`~diffcache.data.seeded`): results never
+    depend on the batch size, and cached and full runs share their per-step solver noise (DDPM)."""
     n, bs = int(cfg.eval.num_samples), int(cfg.eval.batch_size)
     if n < 1 or bs < 1:
         raise ValueError(f"eval.num_samples and eval.batch_size must be >= 1, got {n} and {bs}")
     for start in range(0, n, bs):
-        noise, cond = seeded_inputs(backbone, range(start, min(start + bs, n)), cfg.seed, device, conditioning.batch)
-        yield noise, cond, torch.Generator().manual_seed(cfg.seed * 104729 + start)
+        idx = range(start, min(start + bs, n))
+        noise, cond = seeded_inputs(backbone, idx, cfg.seed, device, conditioning.batch)
+        yield noise, cond, step_generators(idx, cfg.seed)
 
 
 def _sharded(cfg, backbone, solver, policy, guidance, conditioning, out_dir):
@@ -96,6 +94,8 @@ def evaluate(cfg: DictConfig) -> dict:
     device = _device(str(cfg.eval.device))
     backbone = from_config(cfg.backbone).to(device).eval()
     solver = build_solver(cfg.solver)
+    if cfg.eval.get("compile"):  # static schedules: one graph per distinct caching decision (+ the uncached one)
+        compile_backbone(backbone, str(cfg.eval.compile), max_graphs=solver.num_evals + 2)
     router = cfg.get("router_ckpt")
     policy = build_policy(cfg.policy, router_ckpt=router).to(device)
     if policy.trainable and not router:
@@ -142,18 +142,43 @@ def evaluate(cfg: DictConfig) -> dict:
     for lg in build_loggers(cfg.get("logger")):
         lg.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))}, step=0)
         lg.save()
-    log.info("evaluation: %s", json.dumps(result))
+    print(_report(cfg, solver, policy, result, cost, out))
     return result
+
+
+def _report(cfg, solver, policy, result: dict, cost: dict, out: Path) -> str:
+    """The run as a :class:`~diffcache.utils.record.Row` in ``results.json`` (what a sweep's frontier reads) and
+    ``evaluation.{md,csv}``; returns the short summary the console shows (the JSON stays in ``summary.json``)."""
+    from omegaconf import OmegaConf
+
+
+    params = {k: v for k, v in (OmegaConf.to_container(cfg.policy, resolve=True) or {}).items()
+              if not k.startswith("_") and isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    full = policy.name == "none"
+    metrics = {k: float(result[k]) for k, _, _ in QUALITY if isinstance(result.get(k), (int, float))}
+    metrics.update({"psnr": result["psnr_vs_full_db"], "mse": result["mse_vs_full"]} if "mse_vs_full" in result else {})
+    prov = {**provenance(), "teacher": teacher_label(cfg.backbone), **({"router": result["router"]} if "router" in result else {})}
+    row = Row(method="full" if full else policy.name, title=f"full {solver.name.upper()}-{solver.num_evals}" if full
+              else policy.name, solver=solver.name, nfe=solver.num_evals, params={} if full else params,
+              seed=int(cfg.seed), num_samples=int(result["num_samples"]), metrics=metrics,
+              gmacs=cost["macs_cfg"] / 1e9, macs_fraction=float(cost["macs_ratio"]),
+              latency_s=result.get("latency_cached_s"), speedup_latency=result.get("speedup_latency"), provenance=prov)
+    save_rows([row], out)
+    text = caption("evaluation", prov["teacher"], row.num_samples, row.seed, prov)
+    md = write_table([row], out / "evaluation", text)
+    return f"\n{md}\nsaved: {out / 'summary.json'} (every number), {out / 'results.json'}" + (
+        f", {result['grid']}" if "grid" in result else "")
 
 
 def _latency(cfg, backbone, solver, policy, guidance: float, device, conditioning) -> dict:
     """Cached and uncached latency on the same first batch, same run: medians and their ratio."""
     noise, cond, _ = next(_batches(cfg, backbone, device, conditioning))
+    idx = range(noise.shape[0])
     reps = int(cfg.eval.latency_repeats)
     res = {}
     for key, pol in (("cached", policy), ("full", None)):
         lat = measure(lambda: sample(backbone, solver, pol, noise, cond, guidance=guidance,
-                                     generator=torch.Generator().manual_seed(0)), device=device, repeats=reps, warmup=1)
+                                     generator=step_generators(idx, cfg.seed)), device=device, repeats=reps, warmup=1)
         res.update({f"latency_{key}_s": lat["median_s"], f"latency_{key}_min_s": lat["min_s"],
                     f"latency_{key}_max_s": lat["max_s"]})
     res["speedup_latency"] = res["latency_full_s"] / max(res["latency_cached_s"], 1e-12)

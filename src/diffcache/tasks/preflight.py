@@ -2,8 +2,9 @@
 
 Mistakes that would otherwise surface as a library traceback, or only after minutes of setup, end here
 with one ``error: ...`` line (exit 2) naming the setting to change: an output or checkpoint directory
-that cannot be written, more GPUs than the machine has, several devices without the DDP strategy router
-training needs, ``train.py`` with a policy that has nothing to train, a router recipe whose ``lr x updates
+that cannot be written, a bad value or input file (:mod:`.inputs`: lambda, theta, NFE parity, a missing,
+unreadable or truncated checkpoint, a router that does not fit the backbone), more GPUs than the machine
+has, several devices without the DDP strategy router training needs, ``train.py`` with a policy that has nothing to train, a router recipe whose ``lr x updates
 per router`` cannot move a logit past theta (refused when it states ``module.updates_per_router``, else
 warned). ``logger=wandb`` with no API key configured and no ``WANDB_MODE`` logs offline (``wandb sync``
 uploads later), and says so.
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..modules.convergence import recipe_reach
 from ..policies.base import require_trainable
+from .inputs import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,9 @@ def _run(cfg: DictConfig, run_dir_key: str) -> None:
         if run_dir_key == "hydra.run.dir":
             resume_in_place(cfg)
         check(cfg, run_dir_key)
-    except ValueError as e:
+        if run_dir_key == "hydra.run.dir":  # a sweep checks values per job: a bad one fails alone, in the table
+            check_inputs(cfg)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
         if os.environ.get("DIFFCACHE_DEBUG"):
             raise
         print(f"error: {e}\n(set DIFFCACHE_DEBUG=1 for the full traceback)", file=sys.stderr)

@@ -1,67 +1,40 @@
 """``train(cfg)``: router training, callable from tests without ``@hydra.main``.
 
-Ctrl-C (SIGINT): Lightning stops fit gracefully (and exits); the router of the last *completed* step is
-exported anyway, with ``"partial": true`` in ``summary.json``, and the process exits with status 130.
-Resume with ``ckpt_path=<run>/checkpoints/last.ckpt`` (the run continues in that run's folder); a
-checkpoint from another solver, interval or backbone is refused (``RouterDistill.on_load_checkpoint``).
+Ctrl-C (SIGINT): the running step finishes, ``checkpoints/last.ckpt`` is written there and training stops
+(:mod:`~diffcache.callbacks.resume`); the router of that step is exported with ``"partial": true`` in
+``summary.json``, the exact resume command is printed, and ``train.py`` exits with status 130. Resume with
+``ckpt_path=<run>/checkpoints/last.ckpt``: the run continues in that folder, its ``csv/metrics.csv`` keeps the
+rows before the checkpoint (:mod:`~diffcache.utils.loggers`) and ``train_s`` sums every segment (Lightning's
+``Timer`` state travels in the checkpoint); a checkpoint from another solver, interval or backbone is refused.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig, OmegaConf
 
 from ..backbones import from_config
+from ..callbacks.progress import StepProgress
+from ..callbacks.resume import StopOnInterrupt, resume_command
 from ..metrics.cost import policy_cost
-from ..modules.convergence import RouterConvergence
+from ..modules.convergence import RouterConvergence, updates_per_iteration
 from ..policies.base import require_trainable
-from ..policies.l2c.checkpoint import load_official
 from ..utils.build import build_callbacks, build_loggers, build_policy, build_solver
-from ..utils.console import StepProgressBar, model_summary_line, setup_console
+from ..utils.console import model_summary_line, setup_console
 from ..utils.hashing import file_sha256
-from .compare import compare, write_table
+from .compare import compare, report
+from .inputs import check_router_fits
 
 log = logging.getLogger(__name__)
-
-
-class LastCompletedStep(L.Callback):
-    """A copy of the routers after each completed optimiser step (what an interrupted run exports)."""
-
-    def __init__(self) -> None:
-        self.step, self.logits = 0, None
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.step = trainer.global_step
-        self.logits = [p.detach().clone() for p in module.policy.routers]
-
-    def restore(self, policy) -> int:
-        if self.logits is not None:
-            with torch.no_grad():
-                for p, t in zip(policy.routers, self.logits):
-                    p.copy_(t)
-            policy.clamp_()
-        return self.step
-
-
-def check_resume(path, policy) -> None:
-    """``ckpt_path`` exists, is a router-training checkpoint and fits this policy (clear errors, before fit)."""
-
-    off = load_official(path)
-    if off.fmt != "lightning":
-        raise ValueError(f"ckpt_path={path} is a router file, not a Lightning checkpoint of train.py; resume from "
-                         f"<run>/checkpoints/last.ckpt (or evaluate the router with router_ckpt=)")
-    if (off.num_routers, off.num_sites) != (policy.num_routers, policy.num_sites):
-        raise ValueError(f"ckpt_path={path} holds {off.num_routers} routers of {off.num_sites} sites, this run "
-                         f"{policy.num_routers} of {policy.num_sites}: it was trained with another backbone or solver")
 
 
 # trainer settings that do not change the trained router (the router cache ignores them)
@@ -98,7 +71,8 @@ def _reuse_router(cache: Path | None, out: Path) -> dict | None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train a cache router; returns the final metrics (also written to ``summary.json``)."""
+    """Train a cache router; returns the final metrics (also written to ``summary.json``), with
+    ``partial: True`` after Ctrl-C (``train.py`` then exits with status 130)."""
     setup_console()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
@@ -107,9 +81,6 @@ def train(cfg: DictConfig) -> dict:
     solver = build_solver(cfg.solver)
     policy = build_policy(cfg.policy)
     require_trainable(policy)
-    metrics = cfg.get("metrics")
-    quality = instantiate(metrics.quality) if metrics else None
-    val = {"val_samples": metrics.val_samples, "val_batch_size": metrics.val_batch_size} if metrics else {}
     cache = router_cache_dir(cfg)
     reused = _reuse_router(cache, out)
     if reused is not None:
@@ -118,71 +89,111 @@ def train(cfg: DictConfig) -> dict:
         (out / "summary.json").write_text(json.dumps({**reused, "reused_router": str(cache)}, indent=2))
         _compare(cfg, backbone, solver, Path(reused["router"]), out, reused.get("train_s"))
         return {k: v for k, v in reused.items() if isinstance(v, float)}
-    datamodule = instantiate(cfg.data, **val).bind(backbone)
-    module = instantiate(cfg.module)(backbone, solver, policy, quality=quality,
-                                     val_guidance=metrics.guidance if metrics else None)
-    if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, policy)
-    last = LastCompletedStep()
-    callbacks = [*build_callbacks(cfg.get("callbacks")), last]
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar())
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")) or False,
-                                     callbacks=callbacks)
-    log.info("training %s router: %s; %s", policy.name, cfg.run_name, model_summary_line(module))
-    partial, t0 = False, time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except SystemExit:  # Lightning exits after a graceful shutdown on Ctrl-C
-        if not trainer.interrupted:
-            raise
-        partial = True
-    train_s = time.perf_counter() - t0  # the fit's wall time (validation included), next to a search's time
+    trainer, module, interrupted, train_s = _fit(cfg, backbone, solver, policy, out)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    step = last.restore(policy) if partial else trainer.global_step
-    length = _length_report(trainer, module)
+    length = _length_report(trainer, module, interrupted)
     if trainer.is_global_zero:
         router_path = policy.export_official(out / "router")
         metrics.update(policy.summary(backbone.layout, solver))
-        summary = {"run_name": cfg.run_name, "router": str(router_path), "global_step": step, "partial": partial,
-                   "train_s": round(train_s, 2),
+        summary = {"run_name": cfg.run_name, "router": str(router_path), "global_step": trainer.global_step,
+                   "partial": interrupted, "train_s": round(train_s, 2),
                    "overrides": _task_overrides(), "lam": policy.lam, "theta": policy.theta,
                    "loss_reduction": module.loss_reduction, "clamp": policy.clamp,
                    "skipped_steps": module.skipped_steps, **length, **_macs(backbone, solver, policy), **metrics}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if partial:
-            log.warning("interrupted: router of the last completed step (%d) saved to %s (partial)", step, router_path)
+        if interrupted:
+            ckpt = out / "checkpoints" / "last.ckpt"
+            log.warning("interrupted at step %d: router %s saved at that step (partial), checkpoint %s at step %s; "
+                        "resume with:\n  %s", trainer.global_step, router_path, ckpt, _ckpt_step(ckpt),
+                        resume_command(_task_overrides(), ckpt))
         else:
             log.info("router saved to %s", router_path)
-            if cache is not None:
-                cache.mkdir(parents=True, exist_ok=True)
-                for f in out.glob("router*"):
-                    if f.is_file():
-                        shutil.copy2(f, cache / f.name)
-                shutil.copy2(out / "summary.json", cache / "summary.json")  # last: marks the entry complete
+            _store(cache, out)
             _compare(cfg, backbone.to(module.device), solver, router_path, out, train_s)
-    if partial:
-        sys.exit(130)
-    return metrics
+    return {**metrics, "partial": interrupted}
+
+
+def _fit(cfg, backbone, solver, policy, out: Path):
+    """(trainer, module, interrupted, training seconds summed over every segment of a resumed run)."""
+    metrics = cfg.get("metrics")
+    quality = instantiate(metrics.quality) if metrics else None
+    val = {"val_samples": metrics.val_samples, "val_batch_size": metrics.val_batch_size} if metrics else {}
+    datamodule = instantiate(cfg.data, **val).bind(backbone)
+    module = instantiate(cfg.module)(backbone, solver, policy, quality=quality,
+                                     val_guidance=metrics.guidance if metrics else None)
+    if cfg.get("ckpt_path"):  # the preflight checked it already when train.py runs; train(cfg) may be called directly
+        check_router_fits(cfg, cfg.ckpt_path, "ckpt_path")
+        _resume_note(datamodule)
+    timer = Timer(duration=None, verbose=False)  # its elapsed time travels in the checkpoint
+    stop = StopOnInterrupt(out / "checkpoints")
+    callbacks = [*build_callbacks(cfg.get("callbacks")), timer, stop]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgress(total=_planned_steps(module, datamodule, cfg)))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")) or False,
+                                     callbacks=callbacks)
+    log.info("training %s router: %s; %s", policy.name, cfg.run_name, model_summary_line(module))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SystemExit:  # Lightning exits after its shutdown on a second Ctrl-C
+        if not trainer.interrupted:
+            raise
+    return trainer, module, trainer.interrupted or stop.requested, timer.time_elapsed("train")
+
+
+def _resume_note(datamodule) -> None:
+    """Lightning warns on every resume that a plain loader restarts its epoch; say what that means here."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+    if datamodule.shuffle:
+        log.info("data=%s: the resumed run starts a new shuffled pass over the data, so it is not bit-identical to "
+                 "an uninterrupted run (data=noise is: its batches are seeded by the step)", datamodule.name)
+
+
+def _ckpt_step(path: Path):
+
+    return torch.load(path, map_location="cpu", weights_only=False).get("global_step") if path.is_file() else None
+
+
+def _planned_steps(module, datamodule, cfg) -> int | None:
+    """The iterations ``module.updates_per_router`` stands for (the bar's total when max_steps is open)."""
+
+    if not module.updates_per_router:
+        return None
+    draw = "trajectory" if module.objective == "trajectory" else module.draw
+    devices = cfg.trainer.get("devices", 1)
+    per = updates_per_iteration(draw, len(module.cache_evals), datamodule.batch_size,
+                                devices if isinstance(devices, int) and devices > 0 else 1)
+    return math.ceil(module.updates_per_router / per)
+
+
+def _store(cache: Path | None, out: Path) -> None:
+    """Keep a finished router for reuse by an identical later run."""
+    if cache is None:
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("router*"):
+        if f.is_file():
+            shutil.copy2(f, cache / f.name)
+    shutil.copy2(out / "summary.json", cache / "summary.json")  # last: marks the entry complete
 
 
 def _compare(cfg, backbone, solver, router_path: Path, out: Path, train_s: float | None = None) -> None:
     if not cfg.get("compare"):
         return
-
-    rows = compare(cfg, backbone, solver, router_path, out, None if train_s is None else {"train_s": round(train_s, 2)})
-    print(f"\n{write_table(rows, out / 'comparison')}\nsaved: {out / 'comparison.md'} (.csv, .json), "
-          f"samples {out / 'comparison_samples.png'}, router {router_path}, heatmaps {out / 'router_heatmaps'}, "
-          f"validation grids {out / 'val_samples'}")
+    compare(cfg, backbone, solver, router_path, out, None if train_s is None else {"train_s": round(train_s, 2)})
+    print(report(out))
 
 
-def _length_report(trainer, module) -> dict:
+def _length_report(trainer, module, interrupted: bool = False) -> dict:
     """Updates per router (least / most trained) and why training stopped, logged and kept in the summary."""
 
     cb = next((c for c in trainer.callbacks if isinstance(c, RouterConvergence)), None)
     if cb is None:
         return {}
     rep = cb.report(module)
+    if interrupted:
+        rep["stopped_by"] = "interrupt"
     log.info("router training: %d-%d updates per router in %d iterations (draw=%s), stopped by %s",
              rep["updates_per_router_min"], rep["updates_per_router_max"], trainer.global_step, module.draw,
              rep["stopped_by"])

@@ -1,24 +1,23 @@
-"""What a user reads: each log line once, no library advertising, a progress bar that says what runs.
+"""What a user reads: each log line once, no library advertising or accelerator roll call.
 
 Lightning installs its own console handler on the ``lightning`` logger, and Hydra's job logging adds one
 on the root logger, so every Lightning INFO line was printed twice; :func:`setup_console` keeps Hydra's
 (formatted, also written to the run's log file) and drops Lightning's, plus its "litlogger" tip.
-:class:`StepProgressBar` counts optimiser steps (router training is step-based: ``max_epochs=-1`` gave
-"Epoch 0/-2") and prints losses of 1e-6 in scientific notation instead of "0.000".
+The progress display is :mod:`diffcache.callbacks.progress`.
 """
 from __future__ import annotations
 
 import logging
 
-from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
+# library lines a user cannot act on: advertising, the accelerators this run does not use (it says what it
+# runs on itself), the loader's default when it reads a checkpoint this project wrote, a default restated
+_NOISE = ("litlogger", "LitLogger", "GPU available:", "TPU available:", "HPU available:", "IPU available:",
+          "`weights_only` was not set", "was configured so 100% of the batches")
 
-_ADVERTS = ("litlogger", "LitLogger")
 
-
-class _DropAdverts(logging.Filter):
+class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(a in str(record.msg) for a in _ADVERTS)
+        return not any(a in str(record.msg) for a in _NOISE)
 
 
 def setup_console() -> None:
@@ -28,6 +27,8 @@ def setup_console() -> None:
 
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # a resumed run continues in its own folder, whose checkpoints/ is not empty by design
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     root_has_handlers = bool(logging.getLogger().handlers)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
@@ -37,21 +38,11 @@ def setup_console() -> None:
                     lg.removeHandler(h)
             lg.propagate = True
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.trainer.connectors.logger_connector.logger_connector"):
+                 "lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
+                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
         lg = logging.getLogger(name)
-        if not any(isinstance(f, _DropAdverts) for f in lg.filters):
-            lg.addFilter(_DropAdverts())
-
-
-class StepProgressBar(RichProgressBar):
-    """Rich progress bar over optimiser steps, metrics in ``.3e``."""
-
-    def __init__(self, **kw) -> None:
-        super().__init__(theme=RichProgressBarTheme(metrics_format=".3e"), **kw)
-
-    def _get_train_description(self, current_epoch: int) -> str:  # Lightning's hook for the bar's label
-        max_steps = self.trainer.max_steps
-        return f"train (max_steps {max_steps})" if max_steps and max_steps > 0 else f"epoch {current_epoch}"
+        if not any(isinstance(f, _DropNoise) for f in lg.filters):
+            lg.addFilter(_DropNoise())
 
 
 def model_summary_line(module) -> str:

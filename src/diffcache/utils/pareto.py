@@ -1,14 +1,12 @@
-"""Quality against compute for a sweep: one PNG with quality vs MACs (and vs latency when measured), the
-Pareto-optimal runs joined (lower MACs / latency and better quality)."""
+"""The one Pareto plot: quality and PSNR to the full sampler against MACs, one colour per method, points
+labelled by what distinguishes them (a trained router's swept values, a baseline's parameters), error bars
+from the spread over seeds, and in each panel the front it names drawn through the non-dominated points."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .figures import save_figure
-
-# the first of these that the runs report is the quality axis; True = higher is better
-QUALITY = [("val/mnist_fid", False), ("val/fid", False), ("psnr_vs_full_db", True), ("val/psnr", True),
-           ("mse_vs_full", False), ("train/mse", False)]
+from .record import QUALITY, Row, varying
 
 
 def pareto_front(points: list[tuple[float, float]], higher_better: bool) -> list[tuple[float, float]]:
@@ -17,33 +15,47 @@ def pareto_front(points: list[tuple[float, float]], higher_better: bool) -> list
     return sorted(p for p in points if not any(o != p and o[0] <= p[0] and key(o[1]) <= key(p[1]) for o in points))
 
 
-def pareto_png(rows: list[dict], path: str | Path) -> Path | None:
-    """Draw the sweep's runs; None when they report no compute and quality pair."""
-    ok = [r for r in rows if r.get("macs_fraction") is not None]
-    metric = next(((m, hb) for m, hb in QUALITY if any(r.get(m) is not None for r in ok)), None)
-    if not ok or metric is None:
+def _panels(rows: list[Row]) -> list[tuple[str, str, bool]]:
+    """The first reported distribution metric (FID-like) and PSNR to full, when reported."""
+    have = [(k, h, hb) for k, h, hb in QUALITY if any(k in r.metrics for r in rows)]
+    first = next((q for q in have if q[0] not in ("psnr", "mse", "precision", "recall")), None)
+    return [q for q in (first, next((q for q in have if q[0] == "psnr"), None)) if q is not None]
+
+
+def pareto_png(rows: list[Row], path: str | Path, caption: str = "") -> Path | None:
+    """Draw ``rows`` (records with ``macs_fraction``); None when none reports a quality metric."""
+    rows = [r for r in rows if r.macs_fraction is not None]
+    panels = _panels(rows)
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name, higher = metric
-    axes_x = [("macs_fraction", "MACs (fraction of the uncached sampler)")]
-    if any(r.get("latency_cached_s") is not None for r in ok):
-        axes_x.append(("latency_cached_s", "latency (s, median)"))
-    fig, axs = plt.subplots(1, len(axes_x), figsize=(5.5 * len(axes_x), 4.2), dpi=110, squeeze=False)
-    for ax, (key, label) in zip(axs[0], axes_x):
-        pts = [(float(r[key]), float(r[name]), r["run"]) for r in ok if r.get(key) is not None and r.get(name) is not None]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue")
-        for x, y, run in pts:
-            ax.annotate(run[:28], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = pareto_front([(x, y) for x, y, _ in pts], higher)
-        ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1.2, label="Pareto front")
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better)")
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.8), dpi=110, squeeze=False)
+    swept = varying(rows)
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(dict.fromkeys(r.method for r in rows))}
+    for ax, (key, header, higher) in zip(axes[0], panels):
+        pts = [r for r in rows if key in r.metrics]
+        for method in dict.fromkeys(r.method for r in pts):
+            sub = [r for r in pts if r.method == method]
+            ax.errorbar([r.macs_fraction for r in sub], [r.metrics[key] for r in sub],
+                        yerr=[r.spread.get(key, 0.0) for r in sub], fmt="o", capsize=3, color=colours[method],
+                        label=method)
+            for r in sub:
+                ax.annotate(r.short(swept)[:32], (r.macs_fraction, r.metrics[key]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+        front = pareto_front([(r.macs_fraction, r.metrics[key]) for r in pts], higher)
+        ax.plot([x for x, _ in front], [y for _, y in front], "--", color="0.4", lw=1, label="Pareto front")
+        ys = [r.metrics[key] for r in pts if r.metrics[key] > 0]
+        if not higher and ys and max(ys) > 5 * min(ys):  # a few exploded rows would flatten the rest
+            ax.set_yscale("log")
+        ax.set_xlabel("MACs per image (fraction of the full sampler, CFG included)")
+        ax.set_ylabel(f"{header} ({'higher' if higher else 'lower'} is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{len(ok)} runs", fontsize=9)
-    fig.tight_layout()
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if caption else 0, 1, 1))
     return save_figure(fig, path)

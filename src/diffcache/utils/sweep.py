@@ -4,8 +4,9 @@ Train and evaluate sweeps share one table format; a column appears when some run
 evaluate sweep gets its fidelity and speedup columns, a train sweep its losses). Key names are the run
 summaries' own (``cached_fraction``, ``macs_fraction`` = cached / full MACs, ``speedup_*`` = full / cached).
 A run that failed (a ``FAILED`` marker, no summary) is listed with its error in ``status``. When the runs
-wrote comparison tables (``compare``), they are also gathered into ``frontier.{md,csv,png}`` (mean +- std over
-seeds, :mod:`diffcache.utils.frontier`).
+wrote result records (``results.json``: compare, evaluate), they are gathered into ``frontier.{md,csv,png}``
+(mean +- std over seeds, quality and PSNR vs MACs: :mod:`diffcache.utils.frontier`); the run table has no plot
+of its own (a training loss is no quality axis).
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from .frontier import gather, write_frontier
-from .pareto import pareto_png
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ def summarize(sweep_dir: str | Path) -> list[dict]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)).replace("|", "/") for c in columns) + " |" for r in rows]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    pareto_png(rows, sweep_dir / "pareto.png")
     return rows
 
 

@@ -43,6 +43,11 @@ from .budget import budget_masks, site_costs
 from .schedule import L2CSchedule, make_schedule
 
 
+# a hard evaluation's choice per site (L2CPolicy.decision): cache evaluations REUSE or COMPUTE; full evaluations
+# compute every site and STORE it, or DROP the site's cache entry (no later evaluation reads it)
+REUSE, COMPUTE, STORE, DROP = 0, 1, 2, 3
+
+
 def _as_clamp(clamp) -> tuple[float, float] | None:
     if clamp is None or clamp is False:
         return None
@@ -113,6 +118,7 @@ class L2CPolicy(CachePolicy):
         self._only: frozenset[int] | None = None  # caching_only(): cache evaluations allowed to cache
         self._soft = (0.0, 1.0, False)  # soft_threshold(): beta = sigmoid((logit - shift) / temperature), STE
         self._graph = False  # differentiable_cache(): the cache keeps the autograd graph
+        self.decision: tuple[int, ...] | None = None  # hard evaluations: REUSE / COMPUTE / STORE per site
         self.imported: ckpt.OfficialRouters | None = None  # opt / args / archive of an imported file
         if num_routers is None and self.schedule is not None:
             num_routers = self.schedule.num_routers
@@ -201,7 +207,8 @@ class L2CPolicy(CachePolicy):
 
     # ------------------------------------------------------------------ run state
     def reset(self) -> None:
-        self._cache, self._active, self._store, self._run_masks = {}, None, None, None
+        self._cache.clear()  # the same dict across runs: a compiled forward's guards stay valid
+        self._active, self._store, self._run_masks, self.decision = None, None, None, None
 
     def begin(self, ctx: StepContext) -> None:
         super().begin(ctx)
@@ -224,6 +231,20 @@ class L2CPolicy(CachePolicy):
             for e in sched.consumers(ctx.nfe):
                 store = [a or not b for a, b in zip(store, masks[sched.router[e]])]
             self._store = store
+        self.decision = self._decide() if self._hard() else None
+        if self.decision is not None and (ctx.branch, 0, self.site_kinds[0]) not in self._cache:
+            # every key present from the start (None until stored): what a compiled forward sees of the
+            # cache never changes within a run, so its graphs follow the decisions alone
+            n = self.num_sites // len(self.site_kinds)
+            self._cache.update({(ctx.branch, layer, kind): None for layer in range(n) for kind in self.site_kinds})
+
+    def _decide(self) -> tuple[int, ...]:
+        """Per site, this hard evaluation's static choice: REUSE, COMPUTE or STORE (compute and keep). The
+        site reads only this tuple, so a compiled forward specialises on it: one graph per distinct decision."""
+        if self._active is None:
+            return tuple(STORE if self._store is None or keep else DROP for keep in self._store or
+                         [True] * self.num_sites)
+        return tuple(COMPUTE if c else REUSE for c in self._masks()[self._active])
 
     def caching_only(self, evals):
         """Inside the block only the cache evaluations in ``evals`` cache; the others compute everything
@@ -250,25 +271,36 @@ class L2CPolicy(CachePolicy):
         return self._run_masks
 
     # ------------------------------------------------------------------ the hook
-    def apply(self, layer: int, kind: str, module, h: torch.Tensor, *args: Any) -> torch.Tensor:
+    def apply(self, layer: int, kind: str, branch) -> torch.Tensor:
         key = (self.ctx.branch, layer, kind)
-        r = self._active
         j = self.site_index(layer, kind)
+        if self.decision is not None and self._hard():  # hard routing, decided in begin()
+            d = self.decision[j]
+            if d == REUSE:
+                return self._cached(key, branch.x)  # reused: its input is never computed
+            out = branch()
+            if d == STORE:
+                self._cache[key] = out if self._graph else out.detach()
+            elif d == DROP:  # every key written at a full evaluation: a compiled forward never reads stale ones
+                self._cache[key] = None
+            return out
+        r = self._active
         if r is None or self._recording:  # full evaluation (or recording): compute, refresh
-            out = module(h, *args)
+            out = branch()
             if self._store is None or self._store[j]:
                 self._cache[key] = out if self._graph else out.detach()
             return out
         if self._hard():
             if self._masks()[r][j]:
-                return module(h, *args)
-            return self._cached(key, h)
-        cached = self._cached(key, h)  # train: soft mix of pre-gate outputs
+                return branch()
+            return self._cached(key, branch.x)  # reused: its input is never computed
+        cached = self._cached(key, branch.x)  # train: soft mix of pre-gate outputs
         shift, temp, straight = self._soft
         beta = torch.sigmoid((self.routers[r][j] - shift) / temp)
         if straight:  # the hard decision forward, the sigmoid's gradient backward
             beta = (beta > 0.5).to(beta) + beta - beta.detach()
-        return beta * module(h, *args) + (1 - beta) * cached
+        beta = beta.to(cached.dtype)  # a float32 router must not promote a bf16 / fp16 model's activations
+        return beta * branch() + (1 - beta) * cached
 
     def _cached(self, key, h: torch.Tensor) -> torch.Tensor:
         out = self._cache.get(key)

@@ -10,7 +10,7 @@ from ...backbones.base import SiteLayout
 from ...context import StepContext
 from ..base import CachePolicy
 from .plan import _PARAM_NAMES, ToCaParams, ToCaSchedule, plan, preset_params
-from .scores import _gather, _scatter, entropy_score, select_tokens, spatial_bonus
+from .scores import _scatter_, entropy_score, select_tokens, spatial_bonus
 
 
 class ToCaPolicy(CachePolicy):
@@ -45,6 +45,7 @@ class ToCaPolicy(CachePolicy):
         self._cache: dict[tuple[str, int, str], torch.Tensor] = {}
         self._score: dict[tuple[str, int], torch.Tensor] = {}     # s1 (normalised) or entropy H, (B, N_img)
         self._stale: dict[tuple[str, int, str], torch.Tensor] = {}  # s3 counters, (B, N_img) int
+        self._prefix_idx: dict[tuple, torch.Tensor] = {}
         self._stats = {"site_calls": 0, "fresh_site_calls": 0, "partial_site_calls": 0, "reused_site_calls": 0,
                        "tokens_computed": 0.0, "tokens_total": 0.0}
 
@@ -125,7 +126,7 @@ class ToCaPolicy(CachePolicy):
             memo = self._needs_memo[id(sched)] = any(not all(row) for row in sched.full)
         return memo
 
-    def apply(self, layer: int, kind: str, module, h: torch.Tensor, *args: Any) -> torch.Tensor:
+    def apply(self, layer: int, kind: str, branch) -> torch.Tensor:
         ctx: StepContext = self.ctx
         if self.geometry is None:
             raise RuntimeError("ToCaPolicy.apply outside a bound run")
@@ -134,95 +135,103 @@ class ToCaPolicy(CachePolicy):
             raise IndexError(f"nfe {ctx.nfe} outside the ToCa plan of {sched.num_evals} evaluations")
         key = (ctx.branch, layer, kind)
         P = self.geometry.num_prefix_tokens
-        N_all = h.shape[1]
+        B, N_all = branch.x.shape[:2]
         self._stats["site_calls"] += 1
         self._stats["tokens_total"] += float(N_all)
         if sched.is_full(ctx.nfe, layer):
-            return self._fresh(sched, ctx, layer, kind, module, h, args, P)
+            return self._fresh(sched, ctx, layer, kind, branch, P)
         cache = self._cache.get(key)
         if cache is None:
             raise RuntimeError(
                 f"ToCa: no cached output for layer {layer} '{kind}' (branch {ctx.branch!r}) at nfe {ctx.nfe}; a run "
                 f"must start at its first evaluation (sample() resets the policy and starts there)")
-        if cache.shape[0] != h.shape[0]:
-            raise RuntimeError(f"ToCa cache holds a batch of {cache.shape[0]} but this evaluation runs {h.shape[0]}")
+        if cache.shape[0] != B:
+            raise RuntimeError(f"ToCa cache holds a batch of {cache.shape[0]} but this evaluation runs {B}")
         if kind not in self.params.partial_kinds:
             self._stats["reused_site_calls"] += 1
             return cache
-        return self._partial(sched, ctx, layer, kind, module, h, args, P, cache)
+        return self._partial(sched, ctx, layer, kind, branch, P, cache)
 
-    def _fresh(self, sched, ctx, layer, kind, module, h, args, P):
-        out = module(h, *args)
-        p = self.params
-        branch = ctx.branch
-        self._cache[(branch, layer, kind)] = out
+    def _fresh(self, sched, ctx, layer, kind, branch, P):
+        h = branch.input()
+        p, module = self.params, branch.module
+        key = (ctx.branch, layer, kind)
+        scored = self._needs_scores(sched)
+        cols = None
+        if scored and p.score == "attn" and kind == "attn" and hasattr(module, "forward_with_column_scores"):
+            out, cols = module.forward_with_column_scores(h, p.column_chunk)  # one qkv projection for both
+        else:
+            out = branch.run(h)
+            if scored and p.score == "attn" and kind == "attn" and hasattr(module, "column_scores"):
+                with torch.no_grad():
+                    cols = module.column_scores(h, p.column_chunk)
+        if cols is not None:
+            self._score[(ctx.branch, layer)] = F.normalize(cols[:, P:], p=2, dim=1)
+        elif scored and p.score == "xattn" and kind == "xattn" and hasattr(module, "entropy"):
+            with torch.no_grad():
+                self._score[(ctx.branch, layer)] = module.entropy(h, *branch.args)[:, P:]
+        # a private copy: later partial steps scatter into it in place, and ``out`` goes on into the block
+        self._cache[key] = out.clone() if kind in p.partial_kinds else out
         self._stats["fresh_site_calls"] += 1
         self._stats["tokens_computed"] += float(h.shape[1])
-        if self._needs_scores(sched):
-            if p.score == "attn" and kind == "attn" and hasattr(module, "column_scores"):
-                with torch.no_grad():
-                    cols = module.column_scores(h, p.column_chunk)[:, P:]
-                self._score[(branch, layer)] = F.normalize(cols.float(), p=2, dim=1)
-            elif p.score == "xattn" and kind == "xattn" and hasattr(module, "entropy"):
-                with torch.no_grad():
-                    H = module.entropy(h, *args)[:, P:]
-                self._score[(branch, layer)] = H.float()
-            if kind in p.partial_kinds:
-                self._stale[(branch, layer, kind)] = torch.zeros(h.shape[0], h.shape[1] - P, dtype=torch.long,
-                                                                 device=h.device)
+        if scored and kind in p.partial_kinds:
+            self._stale[key] = torch.zeros(h.shape[0], h.shape[1] - P, dtype=torch.long, device=h.device)
         return out
 
-    def _token_score(self, ctx, layer: int, kind: str, B: int, N: int, device) -> torch.Tensor:
+    def _token_score(self, ctx, layer: int, kind: str, B: int, N: int, device, dtype) -> torch.Tensor:
         p = self.params
         base = self._score.get((ctx.branch, layer))
         if base is None:
-            score = torch.zeros(B, N, dtype=torch.float32, device=device)
+            score = torch.zeros(B, N, dtype=dtype, device=device)
         elif p.score == "xattn":
             score = entropy_score(base, paired=ctx.cfg_layout is not None)
         else:
             score = base
         stale = self._stale.get((ctx.branch, layer, kind))
         if stale is not None and p.soft_fresh_weight:
-            score = score + p.soft_fresh_weight * stale.float() / p.fresh_threshold
+            score = score + (p.soft_fresh_weight / p.fresh_threshold) * stale.to(score.dtype)
         grid = self.geometry.token_grid
         if grid is not None and p.bonus_ratio:
             score = spatial_bonus(score, grid, p.bonus_grid, p.bonus_ratio)
         return score
 
-    def _partial(self, sched, ctx, layer, kind, module, h, args, P, cache):
-        B, N_all, _ = h.shape
+    def _partial(self, sched, ctx, layer, kind, branch, P, cache):
+        """Recompute the top-k tokens of a cached branch: only they are gathered, normalised, modulated and
+        run; their outputs and stale counters are written into the cache in place."""
+        B, N_all = branch.x.shape[:2]
         N = N_all - P
         k = sched.k(ctx.nfe, layer, kind)
         key = (ctx.branch, layer, kind)
-        score = self._token_score(ctx, layer, kind, B, N, h.device)
+        score = self._token_score(ctx, layer, kind, B, N, cache.device, cache.dtype)
         idx = select_tokens(score, k)  # (B, k) image-token indices
         stale = self._stale.get(key)
         if stale is None:
-            stale = torch.zeros(B, N, dtype=torch.long, device=h.device)
-        stale = stale + 1
+            stale = self._stale[key] = torch.zeros(B, N, dtype=torch.long, device=cache.device)
+        stale.add_(1)
         if k:
-            stale = stale.scatter(1, idx, 0)
-        self._stale[key] = stale
+            stale.scatter_(1, idx, 0)
         self._stats["partial_site_calls"] += 1
-        if P:
-            prefix = torch.arange(P, device=h.device).expand(B, P)
-            idx_all = torch.cat([prefix, idx + P], dim=1)
-        else:
-            idx_all = idx
+        idx_all = torch.cat([self._prefix(B, P, idx.device), idx + P], dim=1) if P else idx
         if idx_all.shape[1] == 0:
             return cache
-        h_sel = _gather(h, idx_all)
-        out_sel = module(h_sel, *args)
-        cache = _scatter(cache, idx_all, out_sel)
-        self._cache[key] = cache
+        h_sel = branch.input(idx_all)
+        out_sel = branch.run(h_sel)
+        _scatter_(cache, idx_all, out_sel)
         self._stats["tokens_computed"] += float(idx_all.shape[1])
-        if kind == "xattn" and self.params.score == "xattn" and k and hasattr(module, "entropy"):
+        if kind == "xattn" and self.params.score == "xattn" and k and hasattr(branch.module, "entropy"):
             H = self._score.get((ctx.branch, layer))
             if H is not None:
                 with torch.no_grad():
-                    H_sel = module.entropy(_gather(h, idx + P) if P else h_sel, *args)
-                self._score[(ctx.branch, layer)] = H.scatter(1, idx, H_sel.float())
+                    H.scatter_(1, idx, branch.module.entropy(h_sel[:, P:], *branch.args).to(H.dtype))
         return cache
+
+    def _prefix(self, B: int, P: int, device) -> torch.Tensor:
+        """The prefix-token indices (0 .. P-1) per sample, made once per batch size and device."""
+        key = (B, P, device)
+        idx = self._prefix_idx.get(key)
+        if idx is None:
+            idx = self._prefix_idx[key] = torch.arange(P, device=device).expand(B, P)
+        return idx
 
     # ------------------------------------------------------------------ reporting
     def summary(self, layout=None, solver=None) -> dict[str, float]:

@@ -43,9 +43,6 @@ def select_tokens(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(score, dim=1, descending=True, stable=True)[:, :k]
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def _scatter(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    return dst.scatter(1, idx.unsqueeze(-1).expand(-1, -1, dst.shape[-1]), src.to(dst.dtype))
+def _scatter_(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst[b, idx[b, i]] = src[b, i]`` in place (the token cache is updated, never copied)."""
+    return dst.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, dst.shape[-1]), src.to(dst.dtype))

@@ -1,0 +1,35 @@
+"""The benchmarks' code paths on the CPU (no timing is asserted): the GPU set in bf16 on a tiny model, so
+``make bench-gpu`` cannot silently break again, and the reuse proxy's op accounting."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+
+def test_gpu_set_runs_in_bf16_on_a_tiny_model(tmp_path):
+    from benchmarks.__main__ import main
+
+    main(["gpu", "--smoke", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "summary_gpu.json").read_text())
+    speed = res["speed"]["rows"]
+    assert {r["policy"] for r in speed} >= {"full", "l2c", "toca", "fora"}
+    assert all(r["dtype"] == "bfloat16" and r["efficiency"] > 0 for r in speed)
+    peers = {r["model"]: r for r in res["peers"]["rows"]}
+    assert peers["tiny_dit"]["max_abs_diff"] < 1e-4  # same weights, same math in fp32
+    assert peers["tiny_dit bfloat16"]["max_abs_diff"] < 0.05  # and within bf16 round-off of an O(1) output
+    assert res["train"][0]["bf16"] and res["train"][0]["samples_per_s"] > 0
+    assert (tmp_path / "summary_gpu.md").read_text().count("| eager |") == len(speed)
+
+
+def test_reuse_proxy_sees_no_branch_op_in_a_fully_reused_evaluation():
+    """The profiler's view of a fully reused forward: no branch GEMM, attention, GELU or modulation, and one
+    LayerNorm (the final layer's); the full forward has every one of them (no shares are asserted)."""
+    from benchmarks.reuse import reuse_row
+    from diffcache.backbones import load_backbone
+
+    model = load_backbone("tiny_dit", random_init=True)
+    row = reuse_row(model, batch=2, dtype=torch.bfloat16, repeats=1)
+    assert row["skippable_share_reused"] == 0 and row["layer_norm_calls_reused"] == 1
+    assert row["skippable_share_full"] > 0 and 0 < row["floor_macs"] < 1  # the full forward has them
+    assert "addcmul" in row["top_ops_reused"]  # the gated residual adds are what remains
