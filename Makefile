@@ -3,12 +3,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ARGS ?=
+# CPU=1: torch / torchvision from PyTorch's CPU wheel index first (no CUDA wheels: the default PyPI torch on
+# Linux pulls ~4 GB of nvidia-* packages that a CPU-only machine never uses)
+CPU ?=
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: env train test bench bench-gpu teachers clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(if $(CPU),$(PY) -m pip install -q torch torchvision --index-url $(TORCH_CPU_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -1,5 +1,7 @@
 """Sample with a cache policy and report compute, latency and error vs the uncached sampler:
 ``python evaluate.py backbone=dit solver=ddim50 policy=toca backbone.ckpt=...``."""
+import logging
+
 import hydra
 from omegaconf import DictConfig
 
@@ -10,7 +12,9 @@ import diffcache  # noqa: F401  (registers the config resolvers before Hydra nam
 def main(cfg: DictConfig) -> None:
     from diffcache.tasks.evaluate import evaluate
     from diffcache.utils.cli import user_errors
+    from diffcache.utils.console import choose_threads
 
+    choose_threads(logging.getLogger("diffcache"))  # a script's choice; train(cfg) from Python keeps torch's
     with user_errors():
         evaluate(cfg)
 

@@ -1,4 +1,5 @@
 """Train a cache router: ``python train.py backbone=uvit solver=dpm20 policy=l2c``."""
+import logging
 import sys
 
 import hydra
@@ -11,7 +12,9 @@ import diffcache  # noqa: F401  (registers the config resolvers before Hydra nam
 def main(cfg: DictConfig) -> None:
     from diffcache.tasks.train import train
     from diffcache.utils.cli import user_errors
+    from diffcache.utils.console import choose_threads
 
+    choose_threads(logging.getLogger("diffcache"))  # a script's choice; train(cfg) from Python keeps torch's
     result = {}  # an input error in a sweep job ends that job only (user_errors reports it)
     with user_errors():
         result = train(cfg)

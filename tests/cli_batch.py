@@ -40,8 +40,7 @@ def run_many(script: str, cases: list[list[str]], cwd: Path, env: dict | None = 
             "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     base.pop("HYDRA_FULL_ERROR", None)
     base.pop("DIFFCACHE_DEBUG", None)
-    if script == "train.py":
-        cases = [with_tiny("train", c) for c in cases]
+    cases = [with_tiny(script, c) for c in cases]
     res = subprocess.run([sys.executable, "-c", _DRIVER, str(ROOT / script), json.dumps(cases)], cwd=cwd,
                          env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     marker = res.stdout.rfind("@@RESULTS@@")

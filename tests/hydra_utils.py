@@ -14,18 +14,20 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FAST = ["trainer.enable_progress_bar=false"]
-# train.py's built-in default is the MNIST demo (experiment=mnist_dit); tests compose the groups alone
-# (experiment=none) on the tiny random backbone unless they choose an experiment or a backbone
+# train.py / evaluate.py / search.py default to the MNIST demo teacher (experiment=mnist_dit / mnist_eval;
+# search: backbone=mnist_dit); tests compose the groups alone on the tiny random backbone unless they choose an
+# experiment or a backbone
 TINY = ["backbone=tiny_dit"]
 
 
 def with_tiny(name: str, overrides: list[str]) -> list[str]:
-    """``overrides`` plus ``experiment=none`` for train configs that pick no experiment, and
-    ``backbone=tiny_dit`` for those that pick neither an experiment nor a backbone."""
+    """``overrides`` plus ``experiment=none`` for configs that pick no experiment, and ``backbone=tiny_dit`` for
+    those that pick neither an experiment nor a backbone (search has no experiment of its own)."""
+    name = name.removesuffix(".py")
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    if name != "train" or "experiment" in keys:
+    if "experiment" in keys or name not in ("train", "evaluate", "search"):
         return list(overrides)
-    extra = ["experiment=none"] + ([] if "backbone" in keys else TINY)
+    extra = ([] if name == "search" else ["experiment=none"]) + ([] if "backbone" in keys else TINY)
     return [*overrides, *extra]  # after the flags (train.py -m ...: argparse takes one block of overrides)
 
 
@@ -43,7 +45,6 @@ def compose_cfg(name: str, overrides: list[str], out: Path):
 def run_cli(script: str, args: list[str], cwd: Path, timeout: int = 400, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "PROJECT_ROOT": str(cwd), **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
-    if script == "train.py":
-        args = with_tiny("train", args)
+    args = with_tiny(script, args)
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -218,3 +218,20 @@ def test_recipes_come_from_experiments_not_from_the_backbone(tmp_path):
         demo = compose("train", overrides=[])  # what `python train.py` runs
     assert demo.backbone.arch == "mnist_dit" and demo.metrics.quality and demo.compare.cache_dir
     assert recipe(demo)[1:] == (0.1, 5.0, "mean")
+
+
+def test_train_evaluate_and_search_share_the_demo_defaults(tmp_path):
+    """Issue 23.6: with no arguments all three entry points use the shipped MNIST DiT teacher (evaluate with its
+    MNIST metrics); evaluate.py policy=search names its folder after the searched schedule, not after L2C."""
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        plain = {name: compose(name, overrides=[]) for name in ("train", "evaluate", "search")}
+        searched = compose("evaluate", overrides=["policy=search"], return_hydra_config=True)
+    ckpts = {name: cfg.backbone.ckpt for name, cfg in plain.items()}
+    assert len(set(ckpts.values())) == 1 and ckpts["train"].endswith("assets/mnist_dit.pt"), ckpts
+    assert plain["evaluate"].metrics.quality.classifier == plain["train"].metrics.quality.classifier
+    assert plain["evaluate"].eval.num_samples == plain["train"].compare.num_samples == 200
+    HydraConfig().set_config(searched)
+    assert searched.run_name == "mnist_dit-ddim_20-search"

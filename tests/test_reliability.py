@@ -34,7 +34,7 @@ def _env(cwd):
 
 
 def _cli(script, args, cwd, timeout=400):
-    args = with_tiny("train", args) if script == "train.py" else args
+    args = with_tiny(script, args)
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=_env(cwd), capture_output=True,
                           text=True, timeout=timeout)
 

@@ -231,3 +231,20 @@ def test_uvit_dpm_solver2_shifted_schedule(tmp_path):
     noise, cond = seeded_inputs(backbone, range(2))
     assert torch.equal(sample(backbone, solver, one.policy, noise, cond, 0.4), sample(backbone, solver, None, noise, cond, 0.4))
     assert res.policy.export_official(tmp_path / "r").suffix == ".pth"  # U-ViT's official router format
+
+
+def test_an_interrupted_table_continues_where_it_stopped(tiny, table, tmp_path):
+    """Issue 23.4: the entries an interrupted search measured are saved (NaN where not yet measured) and
+    ``searcher.table=<partial>`` measures only the rest, giving the table of an uninterrupted search."""
+    backbone, solver = tiny
+    first = ScheduleSearch(num_samples=4, progress=False, guidance=GUIDANCE)
+    first.partial = [table.errors.clone()]
+    first.partial[0][3:] = float("nan")  # as if Ctrl-C came after the first three cache evaluations' rows
+    done, total = first.save_partial(tmp_path / "partial.json")
+    assert (done, total) == (3 * table.errors.shape[1], table.errors.numel())
+    again = ScheduleSearch(num_samples=4, progress=False, guidance=GUIDANCE, table=str(tmp_path / "partial.json"))
+    res = again.run(backbone, solver)
+    torch.testing.assert_close(res.table.errors, table.errors, rtol=0, atol=0)
+    other = ScheduleSearch(num_samples=8, progress=False, guidance=GUIDANCE, table=str(tmp_path / "partial.json"))
+    with pytest.raises(ValueError, match="partial table of another calibration setting"):
+        other.run(backbone, solver)

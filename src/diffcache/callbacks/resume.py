@@ -60,7 +60,7 @@ class StopOnInterrupt(L.Callback):
         self._restore()
 
 
-def resume_command(overrides: list[str], ckpt: Path, script: str = "train.py") -> str:
-    """The command line that continues this run: its own overrides plus ``ckpt_path=``."""
+def resume_command(overrides: list[str], ckpt: Path | None, script: str = "train.py") -> str:
+    """The command line that continues this run: its own overrides plus ``ckpt_path=`` (when given)."""
     kept = [o for o in overrides if not o.startswith("ckpt_path=")]
-    return " ".join(shlex.quote(a) for a in ["python", script, *kept, f"ckpt_path={ckpt}"])
+    return " ".join(shlex.quote(a) for a in ["python", script, *kept, *([f"ckpt_path={ckpt}"] if ckpt else [])])

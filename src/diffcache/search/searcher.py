@@ -15,8 +15,10 @@ MAC counter and the benchmarks read it unchanged.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -114,6 +116,7 @@ class ScheduleSearch:
         self.guidance = guidance
         self.device, self.progress = device, bool(progress)
         self.table_path = table
+        self.partial: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ pieces
     def need(self, backbone, solver, rows: int) -> float:
@@ -132,14 +135,19 @@ class ScheduleSearch:
         return need
 
     def measure(self, backbone, solver) -> ErrorTable:
-        """The error table on the seeded calibration set, in chunks of ``batch_size``."""
-        tables, sizes = [], []
-        for start in range(0, self.num_samples, self.batch_size):
-            idx = range(start, min(start + self.batch_size, self.num_samples))
+        """The error table on the seeded calibration set, in chunks of ``batch_size``; ``self.partial`` holds
+        each chunk's entries as they are measured (what an interrupted search saves, :meth:`save_partial`)."""
+        chunks = [range(s, min(s + self.batch_size, self.num_samples)) for s in range(0, self.num_samples, self.batch_size)]
+        shape = (len(make_schedule(solver, self.cache_interval).cache_evals()), backbone.layout.num_sites)
+        if self.partial is None or [tuple(p.shape) for p in self.partial] != [shape] * len(chunks):
+            self.partial = [torch.full(shape, float("nan"), dtype=torch.float64) for _ in chunks]
+        tables = []
+        for idx, errors in zip(chunks, self.partial):
             noise, cond = seeded_inputs(backbone, idx, seed=self.seed, device=self.device)
             tables.append(measure_error_table(backbone, solver, noise, cond, self.guidance, proxy=self.proxy,
-                                              cache_interval=self.cache_interval, progress=self.progress))
-            sizes.append(len(idx))
+                                              cache_interval=self.cache_interval, progress=self.progress,
+                                              errors=errors))
+        sizes = [len(idx) for idx in chunks]
         t = tables[0]
         if len(tables) > 1:
             t.errors = sum(tb.errors * n for tb, n in zip(tables, sizes)) / sum(sizes)
@@ -147,18 +155,40 @@ class ScheduleSearch:
         t.meta.update({"seed": self.seed, "guidance": self.guidance})
         return t
 
-    def load_table(self, path, backbone, solver) -> ErrorTable:
-        """A table written by an earlier search (``error_table.json``), checked against this run's schedule."""
-        from pathlib import Path
+    def _setting(self) -> dict:
+        return {"num_samples": self.num_samples, "batch_size": self.batch_size, "seed": self.seed, "proxy": self.proxy,
+                "cache_interval": self.cache_interval, "guidance": self.guidance}
 
+    def save_partial(self, path) -> tuple[int, int]:
+        """Write the entries measured so far (``searcher.table=<path>`` continues); (measured, total)."""
+        done = sum(int((~torch.isnan(p)).sum()) for p in self.partial or [])
+        total = sum(p.numel() for p in self.partial or [])
+        Path(path).write_text(json.dumps({"partial": True, **self._setting(),
+                                          "chunks": [p.tolist() for p in self.partial or []]}))
+        return done, total
+
+    def load_table(self, path, backbone, solver) -> ErrorTable | None:
+        """A table written by an earlier search (``error_table.json``), checked against this run's schedule;
+        None for an interrupted search's ``error_table.partial.json`` (measuring continues from it)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"searcher.table={path}: no such error table (error_table.json of a search run)")
+        if json.loads(Path(path).read_text()).get("partial"):
+            return self._load_partial(path)
         t = ErrorTable.from_json(path)
         sched = make_schedule(solver, self.cache_interval)
         if t.cache_evals != sched.cache_evals() or t.sites != backbone.layout.labels():
             raise ValueError(f"searcher.table={path} was measured for cache evaluations {t.cache_evals} and sites "
                              f"{t.sites[:4]}..., not this solver / backbone; measure a new one (searcher.table=null)")
         return t
+
+    def _load_partial(self, path) -> None:
+        """An interrupted search's entries: measuring continues from them (None: the table is not complete)."""
+        d = json.loads(Path(path).read_text())
+        if {k: d.get(k) for k in self._setting()} != self._setting():
+            raise ValueError(f"searcher.table={path} is a partial table of another calibration setting "
+                             f"({ {k: d.get(k) for k in self._setting()} }); continue it with the same searcher settings")
+        self.partial = [torch.tensor(c, dtype=torch.float64) for c in d["chunks"]]
+        return None
 
     def select(self, table: ErrorTable, backbone, solver) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
         costs = site_macs(backbone)

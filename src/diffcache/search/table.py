@@ -94,34 +94,48 @@ def teacher_states(backbone, solver, noise, cond, guidance=None, uncond=None) ->
     return states
 
 
+def entry_cost(sched: L2CSchedule, e: int, proxy: str) -> int:
+    """Model evaluations one table entry of cache evaluation ``e`` runs (the progress bar's unit: entries of
+    early rows cost up to ``N`` evaluations with the final proxy, late ones a few)."""
+    src = sched.source[e]
+    return (e + 1 - src) if proxy == "step" else (sched.num_evals - src)
+
+
 @torch.no_grad()
 def measure_error_table(backbone, solver, noise: torch.Tensor, cond, guidance: float | None = None, *,
                         proxy: str = "final", cache_interval: int = 2, uncond=None,
-                        progress: bool = True) -> ErrorTable:
-    """The error table on the calibration inputs ``(noise, cond)`` (see the module docstring)."""
+                        progress: bool = True, errors: torch.Tensor | None = None) -> ErrorTable:
+    """The error table on the calibration inputs ``(noise, cond)`` (see the module docstring). ``errors``: a
+    ``[rows, sites]`` tensor filled in place, NaN where still to measure (an interrupted search's partial
+    table continues where it stopped; on Ctrl-C it holds what was measured)."""
     if proxy not in PROXIES:
         raise ValueError(f"search proxy must be one of {PROXIES}, got {proxy!r}")
     if backbone.policy is not None:
         raise RuntimeError("the backbone is bound to another policy; measure the table on an unbound backbone")
     sched: L2CSchedule = make_schedule(solver, cache_interval)
-    states = teacher_states(backbone, solver, noise, cond, guidance, uncond)
-    final_ref = solver.final(states[-1])
     den = Denoiser(backbone, guidance, uncond=uncond)
     pol = probe_policy(backbone, solver, cache_interval).to(noise.device)
     rows = sched.cache_evals()
     S = pol.num_sites
-    E = torch.zeros(len(rows), S, dtype=torch.float64)
-    bar = tqdm(total=len(rows) * S, desc=f"error table ({proxy})", disable=not progress)
-    for i, e in enumerate(rows):
-        r, src = sched.router[e], sched.source[e]
-        for j in range(S):
+    E = torch.full((len(rows), S), float("nan"), dtype=torch.float64) if errors is None else errors
+    todo = [(i, j) for i in range(len(rows)) for j in range(S) if torch.isnan(E[i, j])]
+    if todo:
+        states = teacher_states(backbone, solver, noise, cond, guidance, uncond)
+        final_ref = solver.final(states[-1])
+    bar = tqdm(total=sum(entry_cost(sched, rows[i], proxy) for i, _ in todo), unit="eval", dynamic_ncols=True,
+               desc=f"error table ({proxy}, {len(todo)} of {E.numel()} entries)", disable=not progress or not todo)
+    try:
+        for i, j in todo:
+            e = rows[i]
+            r, src = sched.router[e], sched.source[e]
             pol.routers[r][j] = -BIG
             with pol.bound(backbone, solver), pol.inference():
                 st = advance(den, solver, states[src], cond, stop=e + 1 if proxy == "step" else None)
             pol.routers[r][j] = BIG
             E[i, j] = _mse(st.x, states[e + 1].x) if proxy == "step" else _mse(solver.final(st), final_ref)
-            bar.update(1)
-    bar.close()
+            bar.update(entry_cost(sched, e, proxy))
+    finally:  # Ctrl-C: the bar ends before the message that says what was kept
+        bar.close()
     return ErrorTable(E, rows, [sched.router[e] for e in rows], pol.site_labels(), proxy, int(noise.shape[0]),
                       {"num_evals": sched.num_evals, "num_steps": sched.num_steps, "cache_interval": sched.cache_interval,
                        "schedule": sched.kind})

@@ -62,6 +62,30 @@ def check_file(path, setting: str, hint: str = "") -> Path:
     return p
 
 
+def _check_metrics_fit(cfg: DictConfig) -> None:
+    """MNIST metrics (what the default experiments bring) on a teacher that does not sample MNIST digits."""
+    target = str(OmegaConf.select(cfg, "metrics.quality._target_") or "")
+    arch = str(OmegaConf.select(cfg, "backbone.arch") or "")
+    if "mnist" in target and arch and not arch.startswith("mnist"):
+        exp = "mnist_dit" if cfg.get("task_name") == "train" else "mnist_eval"
+        raise ValueError(f"metrics=mnist measures MNIST digits, but backbone={arch} does not sample them: the default "
+                         f"experiment={exp} brings them; add experiment=none (or the teacher's own experiment, or "
+                         f"metrics=fid_is)")
+
+
+def _check_json(path, setting: str) -> None:
+    import json
+
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{setting}={path}: no such file (error_table.json, or error_table.partial.json of "
+                                f"an interrupted search)")
+    try:
+        json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{setting}={path} is not a readable JSON table ({e}); measure it again") from None
+
+
 def _weights_hint(arch) -> str:
     arch = str(arch or "")
     if arch.startswith("mnist"):
@@ -91,6 +115,7 @@ def check_inputs(cfg: DictConfig) -> None:
         _build(cfg.solver, "solver")
     if cfg.get("policy") is not None:
         _build(cfg.policy, "policy")
+    _check_metrics_fit(cfg)
     ckpt = OmegaConf.select(cfg, "backbone.ckpt")
     if ckpt:
         check_file(ckpt, "backbone.ckpt", _weights_hint(OmegaConf.select(cfg, "backbone.arch")))
@@ -103,5 +128,6 @@ def check_inputs(cfg: DictConfig) -> None:
         check_router_fits(cfg, cfg.router_ckpt, "router_ckpt")
     elif task == "search":
         _build(cfg.searcher, "searcher")
-        if OmegaConf.select(cfg, "searcher.table"):
-            check_file(cfg.searcher.table, "searcher.table")
+        table = OmegaConf.select(cfg, "searcher.table")
+        if table:
+            _check_json(table, "searcher.table")

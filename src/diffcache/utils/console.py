@@ -52,3 +52,24 @@ def model_summary_line(module) -> str:
     policy = module.policy
     return (f"trainable: {trainable:,} router logits ({policy.num_routers} routers x {policy.num_sites} sites); "
             f"frozen teacher {type(module.backbone).__name__}: {frozen:,} parameters")
+
+
+def choose_threads(log: logging.Logger | None = None) -> int:
+    """CPU threads for this run, said in one line. Unless ``OMP_NUM_THREADS`` is set, one per core the machine
+    has free (cores minus the 1-minute load average, at least 1): torch's default of one per core collapses
+    when the cores are shared (the demo ran at 0.1 it/s with 2 threads on a busy 2-core box, 2.6 it/s with 1)."""
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    if os.environ.get("OMP_NUM_THREADS"):
+        why = "OMP_NUM_THREADS"
+    else:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        torch.set_num_threads(max(1, min(cores, cores - int(round(load)))))
+        why = f"{cores} cores, load average {load:.1f}; OMP_NUM_THREADS=N overrides"
+    n = torch.get_num_threads()
+    if log is not None and not torch.cuda.is_available():
+        log.info("CPU threads: %d (%s)", n, why)
+    return n

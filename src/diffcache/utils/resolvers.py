@@ -32,7 +32,9 @@ def _target_name(node) -> str:
     return target.rsplit(".", 1)[-1] if target else "custom"
 
 
-def run_name(backbone, solver, policy) -> str:
+def run_name(backbone, solver, policy, choice=None) -> str:
+    """``arch-solver_steps-policy``; ``choice`` (the policy config's name) names the run when it is not a preset
+    of the class (``policy=search`` runs an L2CPolicy: the folder says ``search``, not ``l2c``)."""
     from hydra.utils import get_class
 
     arch = backbone.get("arch") or _target_name(backbone)
@@ -46,6 +48,8 @@ def run_name(backbone, solver, policy) -> str:
     except Exception:
         pol = _target_name(policy)
     preset = policy.get("preset")
+    if choice and not str(choice).startswith(str(pol)):
+        pol, preset = str(choice), None
     return slug(f"{arch}-{alg}_{steps}-{pol}" + (f"-{preset}" if preset else ""))
 
 

@@ -40,12 +40,8 @@ from ..base import CachePolicy
 from . import checkpoint as ckpt
 from . import provenance, report
 from .budget import budget_masks, site_costs
+from .decision import decide, lay_out, run_site
 from .schedule import L2CSchedule, make_schedule
-
-
-# a hard evaluation's choice per site (L2CPolicy.decision): cache evaluations REUSE or COMPUTE; full evaluations
-# compute every site and STORE it, or DROP the site's cache entry (no later evaluation reads it)
-REUSE, COMPUTE, STORE, DROP = 0, 1, 2, 3
 
 
 def _as_clamp(clamp) -> tuple[float, float] | None:
@@ -231,20 +227,11 @@ class L2CPolicy(CachePolicy):
             for e in sched.consumers(ctx.nfe):
                 store = [a or not b for a, b in zip(store, masks[sched.router[e]])]
             self._store = store
-        self.decision = self._decide() if self._hard() else None
-        if self.decision is not None and (ctx.branch, 0, self.site_kinds[0]) not in self._cache:
-            # every key present from the start (None until stored): what a compiled forward sees of the
-            # cache never changes within a run, so its graphs follow the decisions alone
-            n = self.num_sites // len(self.site_kinds)
-            self._cache.update({(ctx.branch, layer, kind): None for layer in range(n) for kind in self.site_kinds})
-
-    def _decide(self) -> tuple[int, ...]:
-        """Per site, this hard evaluation's static choice: REUSE, COMPUTE or STORE (compute and keep). The
-        site reads only this tuple, so a compiled forward specialises on it: one graph per distinct decision."""
-        if self._active is None:
-            return tuple(STORE if self._store is None or keep else DROP for keep in self._store or
-                         [True] * self.num_sites)
-        return tuple(COMPUTE if c else REUSE for c in self._masks()[self._active])
+        self.decision = None
+        if self._hard():  # the site reads only this (:mod:`.decision`): one compiled graph per distinct one
+            full = self._active is None
+            self.decision = decide(full, self._store, None if full else self._masks()[self._active], self.num_sites)
+            lay_out(self._cache, ctx.branch, self.num_sites // len(self.site_kinds), self.site_kinds)
 
     def caching_only(self, evals):
         """Inside the block only the cache evaluations in ``evals`` cache; the others compute everything
@@ -274,26 +261,16 @@ class L2CPolicy(CachePolicy):
     def apply(self, layer: int, kind: str, branch) -> torch.Tensor:
         key = (self.ctx.branch, layer, kind)
         j = self.site_index(layer, kind)
-        if self.decision is not None and self._hard():  # hard routing, decided in begin()
-            d = self.decision[j]
-            if d == REUSE:
-                return self._cached(key, branch.x)  # reused: its input is never computed
-            out = branch()
-            if d == STORE:
-                self._cache[key] = out if self._graph else out.detach()
-            elif d == DROP:  # every key written at a full evaluation: a compiled forward never reads stale ones
-                self._cache[key] = None
-            return out
+        if self._hard() and self.decision is not None:  # decided in begin(); a reused branch is never evaluated
+            return run_site(self.decision[j], self._cache, key, branch, self._graph, self._cached)
         r = self._active
         if r is None or self._recording:  # full evaluation (or recording): compute, refresh
             out = branch()
             if self._store is None or self._store[j]:
                 self._cache[key] = out if self._graph else out.detach()
             return out
-        if self._hard():
-            if self._masks()[r][j]:
-                return branch()
-            return self._cached(key, branch.x)  # reused: its input is never computed
+        if self._hard():  # begun in train mode, then switched to hard routing
+            return branch() if self._masks()[r][j] else self._cached(key, branch.x)
         cached = self._cached(key, branch.x)  # train: soft mix of pre-gate outputs
         shift, temp, straight = self._soft
         beta = torch.sigmoid((self.routers[r][j] - shift) / temp)
