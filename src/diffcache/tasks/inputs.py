@@ -99,7 +99,7 @@ def check_router_fits(cfg: DictConfig, path, setting: str) -> None:
     as the run: router length vs depth x kinds, steps, provenance)."""
     check_file(path, setting)
     policy = build_policy(cfg.policy)
-    if not hasattr(policy, "load_official"):
+    if not policy.trainable:
         raise ValueError(f"{setting} is only for policy=l2c / search (this run uses policy={policy.name})")
     policy.load_official(path)
     if setting == "ckpt_path" and policy.imported.fmt != "lightning":
