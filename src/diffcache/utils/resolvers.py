@@ -53,6 +53,14 @@ def run_name(backbone, solver, policy, choice=None) -> str:
     return slug(f"{arch}-{alg}_{steps}-{pol}" + (f"-{preset}" if preset else ""))
 
 
+def choice(group: str):
+    """The config group's chosen option (``hydra:runtime.choices.<group>``), or None before Hydra has set its
+    config: a multirun's sweep directory is resolved then, where the ``hydra:`` resolver would raise."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
 def project_root() -> str:
     """The checkout this package runs from (it holds ``conf/`` and ``assets/``), else the working directory:
     ``paths.root_dir`` then finds the shipped teachers from any working directory."""
@@ -74,3 +82,4 @@ def register() -> None:
     OmegaConf.register_new_resolver("dc.root", project_root, replace=True)
     OmegaConf.register_new_resolver("dc.run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("dc.slug", slug, replace=True)
+    OmegaConf.register_new_resolver("dc.choice", choice, replace=True)
