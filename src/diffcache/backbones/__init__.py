@@ -117,8 +117,7 @@ def from_config(cfg) -> CachedBackbone:
     """:func:`load_backbone` for a ``backbone`` config node: ``_target_`` (``build_backbone`` with ``arch``, or
     a user's :class:`CachedBackbone` subclass) is instantiated; the :data:`RUN_KEYS` are not constructor
     arguments but settings of the run (weights, guidance, noise schedule, x0 clipping)."""
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-    run = {k: c.pop(k) for k in RUN_KEYS if k in c}
+    c, run = _split(cfg)
     dt = model_dtype(run.get("dtype"))  # a bad name fails before a slow build
     if "_target_" not in c:
         raise ValueError("the backbone config needs _target_ (e.g. diffcache.backbones.build_backbone with arch=, "
@@ -130,10 +129,15 @@ def from_config(cfg) -> CachedBackbone:
 def meta_backbone(cfg) -> CachedBackbone:
     """The backbone of a config node on the meta device: its layout and conventions, no weights, no memory
     (the preflight's router-shape checks)."""
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-    run = {k: c.pop(k) for k in RUN_KEYS if k in c}
+    c, run = _split(cfg)
     with torch.device("meta"):
         return instantiate(c, **(run.get("overrides") or {}))
+
+
+def _split(cfg) -> tuple[dict, dict]:
+    """A backbone config node as (constructor arguments, the :data:`RUN_KEYS` settings of the run)."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    return c, {k: c.pop(k) for k in RUN_KEYS if k in c}
 
 
 def _ready(model: CachedBackbone, ckpt: str | None, clip_denoised: bool | None) -> CachedBackbone:

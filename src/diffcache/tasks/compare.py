@@ -146,8 +146,8 @@ def compare(cfg, backbone, solver, router_path, out_dir, trained: dict | None = 
             row, x = _measure(ctx, cand, teacher, quality, rows[0] if rows else None)
             teacher = x if teacher is None else teacher  # the first row is the full sampler
             row.provenance = {**prov, "teacher": teacher_name}
-            cache.put(key, row, x[:GRID_COLUMNS])
             shown = x[:GRID_COLUMNS]
+            cache.put(key, row, shown)
         else:
             (row, shown), reused = hit, reused + 1
         row.provenance = {**row.provenance, "reused": hit is not None}
