@@ -117,7 +117,10 @@ class RouterDistill(QualityValidation, L.LightningModule):
         # restores it after validation), so the policy, built in eval (hard) mode, must be switched here:
         # under hard routing the MSE has no gradient and only the L1 term would move the logits.
         self.policy.train()
-        self.policy.clamp_()  # a no-op except after a resume: ModelCheckpoint saves before on_train_batch_end clamps
+
+    def on_train_start(self) -> None:
+        # a resumed run's checkpoint may hold unclamped logits: ModelCheckpoint saves before on_train_batch_end clamps
+        self.policy.clamp_()
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.parameters())
