@@ -7,6 +7,7 @@ never knows which policy runs). Function-level imports count like module-level o
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "diffcache"
@@ -141,4 +142,14 @@ def test_models_and_solvers_name_no_policy():
             for sub in ("backbones", "solvers") for p in sorted((SRC / sub).rglob("*.py"))
             for i, line in enumerate(p.read_text().splitlines(), 1)
             if any(s in line.lower() for s in ('"l2c"', "'l2c'", '"toca"', "'toca'", '"fora"', "'fora'"))]
+    assert not hits, "\n".join(hits)
+
+
+def test_only_backbones_tell_families_apart_by_name():
+    """A variant's family (and where its weights come from) is the backbone class's business: no code outside
+    backbones/ parses an arch name for "DiT" / "U-ViT" / "PixArt"."""
+    pattern = re.compile(r"""startswith\(\s*\(?\s*["'](DiT|U-ViT|PixArt)""")
+    hits = [f"{p.relative_to(SRC)}:{i}: {line.strip()}"
+            for p in sorted(SRC.rglob("*.py")) if "backbones" not in p.relative_to(SRC).parts
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, "\n".join(hits)

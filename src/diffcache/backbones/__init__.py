@@ -13,6 +13,8 @@ from .weights import WHERE_TO_GET, CheckpointError, load_checkpoint
 
 REGISTRY: dict[str, Callable[..., CachedBackbone]] = {}
 # keys of a backbone config node that are settings of the run, not constructor arguments
+# variants that are test / demo models: they may run on random weights
+DEMO_PREFIXES = ("tiny", "mnist")
 RUN_KEYS = ("name", "ckpt", "random_init", "overrides", "guidance", "schedule", "time_input", "vae", "vae_scale",
             "clip_denoised", "dtype")
 # backbone.dtype: the weights' compute dtype (the solver state stays float32; see the denoiser)
@@ -92,13 +94,23 @@ def check_weights_given(arch: str | None, ckpt: str | None, random_init: bool) -
     (no ``arch`` in its config).
     """
     _populate()
-    if ckpt or random_init or arch is None or arch.startswith(("tiny", "mnist")) or arch not in REGISTRY:
+    if ckpt or random_init or arch is None or arch.startswith(DEMO_PREFIXES) or arch not in REGISTRY:
         return
-    family = "uvit" if arch.startswith("U-ViT") else "pixart" if arch.startswith("PixArt") else "dit"
     raise ValueError(
         f"backbone {arch} needs its pretrained weights: pass backbone.ckpt=/path/to/file "
-        f"({WHERE_TO_GET[family]}); nothing is downloaded at run time. "
+        f"({weights_hint(arch)}); nothing is downloaded at run time. "
         "For speed benchmarks only, backbone.random_init=true runs it with random weights.")
+
+
+def weights_hint(arch: str | None) -> str:
+    """Where a variant's weights come from, for error messages ("" for the tiny test models and unknown names)."""
+    _populate()
+    arch = str(arch or "")
+    if arch.startswith("mnist"):
+        return "the MNIST teachers ship in the repository's assets/ (git checkout assets/), or retrain them with `make teachers`"
+    if arch.startswith("tiny") or arch not in REGISTRY:
+        return ""
+    return "get " + WHERE_TO_GET.get(getattr(REGISTRY[arch], "family", ""), "its pretrained weights")
 
 
 def load_backbone(arch: str, ckpt: str | None = None, random_init: bool = False, clip_denoised: bool | None = None,
@@ -150,4 +162,4 @@ def _ready(model: CachedBackbone, ckpt: str | None, clip_denoised: bool | None) 
 
 __all__ = ["RUN_KEYS", "CachedBackbone", "CheckpointError", "REGISTRY", "available", "build_backbone",
            "check_weights_given", "count_parameters", "family_class", "from_config", "from_mapping", "load_backbone",
-           "load_checkpoint", "meta_backbone", "model_dtype", "register"]
+           "load_checkpoint", "meta_backbone", "model_dtype", "register", "weights_hint"]

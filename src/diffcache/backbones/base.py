@@ -279,6 +279,7 @@ def make_variants(cls, configs: dict[str, dict[str, Any]], aliases: dict[str, st
 
         build.__name__ = f"{cls.__name__.lower()}_" + name.replace("/", "_").replace("-", "_")
         build.__doc__ = f"{name}: {configs[name]}"
+        build.family = cls.family  # where its weights come from, without building it
         return build
 
     table = {name: factory(name) for name in configs}

@@ -16,8 +16,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..backbones import meta_backbone
-from ..backbones.weights import WHERE_TO_GET
+from ..backbones import meta_backbone, weights_hint
 from ..utils.build import build_policy
 from ..utils.cli import user_error
 
@@ -86,14 +85,6 @@ def _check_json(path, setting: str) -> None:
         raise ValueError(f"{setting}={path} is not a readable JSON table ({e}); measure it again") from None
 
 
-def _weights_hint(arch) -> str:
-    arch = str(arch or "")
-    if arch.startswith("mnist"):
-        return "the MNIST teachers ship in the repository's assets/ (git checkout assets/), or retrain them with `make teachers`"
-    family = "uvit" if arch.startswith("U-ViT") else "pixart" if arch.startswith("PixArt") else "dit"
-    return f"get {WHERE_TO_GET[family]}" if arch and not arch.startswith("tiny") else ""
-
-
 def check_router_fits(cfg: DictConfig, path, setting: str) -> None:
     """The router file (or Lightning checkpoint) at ``path`` drives this backbone and solver (same messages
     as the run: router length vs depth x kinds, steps, provenance)."""
@@ -118,7 +109,7 @@ def check_inputs(cfg: DictConfig) -> None:
     _check_metrics_fit(cfg)
     ckpt = OmegaConf.select(cfg, "backbone.ckpt")
     if ckpt:
-        check_file(ckpt, "backbone.ckpt", _weights_hint(OmegaConf.select(cfg, "backbone.arch")))
+        check_file(ckpt, "backbone.ckpt", weights_hint(OmegaConf.select(cfg, "backbone.arch")))
     if task == "train":
         if cfg.get("data") is not None:
             _build(cfg.data, "data")
