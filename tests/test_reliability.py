@@ -272,3 +272,21 @@ def test_interrupt_and_kill_then_resume_lose_nothing(tmp_path):
     res = evaluate(compose_cfg("evaluate", ["policy=l2c", f"router_ckpt={tmp_path / 'SIGINT/checkpoints/last.ckpt'}",
                                             "eval.num_samples=1", "eval.batch_size=1", *QUICK], tmp_path / "eval"))
     assert res["router"].endswith("last.ckpt") and 0 < res["macs_fraction"] <= 1
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    """Run folders are named to the second: a second run that finds the name taken (another job started in the
+    same second) claims ``<name>-2`` instead of sharing the first one's logs, CSV and checkpoints. Every name
+    the run could get in the next two minutes is taken beforehand, so the collision is certain."""
+    runs = tmp_path / "logs" / "evaluate" / "runs" / "probe"
+    now = time.time()
+    taken = {time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now + k)) for k in range(120)}
+    for name in taken:
+        (runs / name).mkdir(parents=True)
+    res = _cli("evaluate.py", ["policy=fora", "eval.num_samples=2", "eval.batch_size=2", "run_name=probe",
+                               "paths.log_dir=logs", *QUICK], tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    written = [p.parent for p in runs.rglob("summary.json")]
+    assert len(written) == 1 and written[0].name.endswith("-2") and written[0].name[:-2] in taken, written
+    assert all(not any((runs / name).iterdir()) for name in taken)  # the taken folders were left alone
+    assert sorted(p.name for p in runs.iterdir() if p.name not in taken) == [written[0].name]  # no stray folder
