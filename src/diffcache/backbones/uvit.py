@@ -102,22 +102,7 @@ class UViT(CachedBackbone):
         self.num_classes = num_classes
         self.num_half = depth // 2
         self.depth = 2 * self.num_half + 1  # cacheable layers: in + mid + out
-        num_patches = (img_size // patch_size) ** 2
-
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.time_embed = (
-            nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
-            if mlp_time_embed else nn.Identity()
-        )
-        if num_classes > 0:
-            self.label_emb = nn.Embedding(num_classes, embed_dim)
-            self.extras = 2
-        else:
-            self.label_emb = None
-            self.extras = 1
-        self.num_prefix_tokens = self.extras
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
-
+        self._embeddings(mlp_time_embed, (img_size // patch_size) ** 2)
         self.in_blocks = nn.ModuleList(
             [UViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(self.num_half)])
         self.mid_block = UViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias)
@@ -129,6 +114,16 @@ class UViT(CachedBackbone):
         self.decoder_pred = nn.Linear(embed_dim, self.patch_dim, bias=True)
         self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
         self.initialize_weights()
+
+    def _embeddings(self, mlp_time_embed: bool, num_patches: int) -> None:
+        """Patch, time and label embeddings and the positions of the (time, label, patch) tokens."""
+        dim = self.embed_dim
+        self.patch_embed = PatchEmbed(self.patch_size, self.in_channels, dim)
+        self.time_embed = (nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
+                           if mlp_time_embed else nn.Identity())
+        self.label_emb = nn.Embedding(self.num_classes, dim) if self.num_classes > 0 else None
+        self.extras = self.num_prefix_tokens = 2 if self.num_classes > 0 else 1
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, dim))
 
     # ------------------------------------------------------------------ init (as the official code)
     def initialize_weights(self) -> None:

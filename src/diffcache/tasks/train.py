@@ -95,12 +95,8 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         router_path = policy.export_official(out / "router")
         metrics.update(policy.summary(backbone.layout, solver))
-        summary = {"run_name": cfg.run_name, "router": str(router_path), "global_step": trainer.global_step,
-                   "partial": interrupted, "train_s": round(train_s, 2),
-                   "overrides": _task_overrides(), "lam": policy.lam, "theta": policy.theta,
-                   "loss_reduction": module.loss_reduction, "clamp": policy.clamp,
-                   "skipped_steps": module.skipped_steps, **length, **_macs(backbone, solver, policy), **metrics}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_summary(cfg, out, trainer, module, router_path, interrupted, train_s,
+                       {**length, **_macs(backbone, solver, policy), **metrics})
         if interrupted:
             ckpt = out / "checkpoints" / "last.ckpt"
             log.warning("interrupted at step %d: router %s saved at that step (partial), checkpoint %s at step %s; "
@@ -111,6 +107,17 @@ def train(cfg: DictConfig) -> dict:
             _store(cache, out)
             _compare(cfg, backbone.to(module.device), solver, router_path, out, train_s)
     return {**metrics, "partial": interrupted}
+
+
+def _write_summary(cfg, out: Path, trainer, module, router_path, interrupted: bool, train_s: float,
+                   figures: dict) -> None:
+    """``summary.json``: the run, its recipe and every final figure (what the row cache and a resume read)."""
+    policy = module.policy
+    summary = {"run_name": cfg.run_name, "router": str(router_path), "global_step": trainer.global_step,
+               "partial": interrupted, "train_s": round(train_s, 2), "overrides": _task_overrides(),
+               "lam": policy.lam, "theta": policy.theta, "loss_reduction": module.loss_reduction,
+               "clamp": policy.clamp, "skipped_steps": module.skipped_steps, **figures}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _fit(cfg, backbone, solver, policy, out: Path):
