@@ -28,6 +28,19 @@ def _split(t: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [c.clone() for c in t.chunk(n, dim=0)]
 
 
+def _pair(out: dict, sd: dict, theirs: str, ours: str) -> None:
+    """Copy a Linear's weight and bias under diffusers' name."""
+    for s in ("weight", "bias"):
+        out[f"{theirs}.{s}"] = sd[f"{ours}.{s}"].clone()
+
+
+def _fused(out: dict, sd: dict, ours: str, theirs: str, names: str) -> None:
+    """Split our fused projection ``ours`` (qkv / kv) into diffusers' ``theirs``.to_q / to_k / to_v."""
+    for s in ("weight", "bias"):
+        for name, part in zip(names, _split(sd[f"{ours}.{s}"], len(names))):
+            out[f"{theirs}.to_{name}.{s}"] = part
+
+
 def dit_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
     """(diffusers ``DiTTransformer2DModel`` state dict, config) of our :class:`~diffcache.backbones.dit.DiT`."""
     sd, cfg = model.state_dict(), model.config
@@ -41,8 +54,7 @@ def dit_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
     out: dict[str, torch.Tensor] = {}
 
     def pair(theirs: str, ours: str) -> None:
-        for s in ("weight", "bias"):
-            out[f"{theirs}.{s}"] = sd[f"{ours}.{s}"].clone()
+        _pair(out, sd, theirs, ours)
 
     for ours, theirs in dit.DIFFUSERS_LINEARS:
         pair(theirs, ours)
@@ -51,9 +63,7 @@ def dit_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
         for ours, theirs in dit.DIFFUSERS_EMBEDDERS:  # diffusers keeps a copy of the shared embedders per block
             pair(theirs.format(i=i), ours)
         out[dit.DIFFUSERS_CLASS_TABLE.format(i=i)] = sd["y_embedder.embedding_table.weight"].clone()
-        for s in ("weight", "bias"):
-            for name, part in zip("qkv", _split(sd[f"{src}.attn.qkv.{s}"], 3)):
-                out[f"{dst}.attn1.to_{name}.{s}"] = part
+        _fused(out, sd, f"{src}.attn.qkv", f"{dst}.attn1", "qkv")
         for ours, theirs in dit.DIFFUSERS_BLOCK_LINEARS:
             pair(f"{dst}.{theirs}", f"{src}.{ours}")
     config = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": heads,
@@ -77,19 +87,15 @@ def pixart_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
     out: dict[str, torch.Tensor] = {}
 
     def pair(theirs: str, ours: str) -> None:
-        for s in ("weight", "bias"):
-            out[f"{theirs}.{s}"] = sd[f"{ours}.{s}"].clone()
+        _pair(out, sd, theirs, ours)
 
     for ours, theirs in pixart.DIFFUSERS_LINEARS:
         pair(theirs, ours)
     for i in range(int(cfg["depth"])):
         src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
         out[f"{dst}.scale_shift_table"] = sd[f"{src}.scale_shift_table"].clone()
-        for s in ("weight", "bias"):
-            for name, part in zip("qkv", _split(sd[f"{src}.attn.qkv.{s}"], 3)):
-                out[f"{dst}.attn1.to_{name}.{s}"] = part
-            for name, part in zip("kv", _split(sd[f"{src}.cross_attn.kv_linear.{s}"], 2)):
-                out[f"{dst}.attn2.to_{name}.{s}"] = part
+        _fused(out, sd, f"{src}.attn.qkv", f"{dst}.attn1", "qkv")
+        _fused(out, sd, f"{src}.cross_attn.kv_linear", f"{dst}.attn2", "kv")
         for ours, theirs in pixart.DIFFUSERS_BLOCK_LINEARS:
             pair(f"{dst}.{theirs}", f"{src}.{ours}")
     pair("proj_out", "final_layer.linear")
