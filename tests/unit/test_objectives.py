@@ -97,3 +97,23 @@ def test_budget_objective_gives_one_router_for_every_budget(tmp_path):
         assert b <= s["cache_step_macs_kept"] < b + max(per_branch.values()) / (3 * 2 * 5 * 1.0)
         assert policy_cost(model, solver, q)["macs"] < full
     assert budget_shift(policy, 1.0) < budget_shift(policy, 0.2)  # a bigger budget lowers the threshold
+
+
+def test_trajectory_finish_keeps_the_budget_when_logits_tie_at_the_clamp():
+    """Long training pins many logits at the clamp (+5): the budget's top-k then keeps only some of the tied
+    sites, and a theta between "lowest kept" and "highest dropped" (both +5) would drop all of them. finish()
+    must leave a router whose plain theta rule keeps exactly the top-k mask (so its MACs are the budget's)."""
+    from diffcache.modules.trajectory import TrajectoryObjective
+
+    model, solver = perturbed("tiny_dit"), make_solver("ddim", 6)
+    p = L2CPolicy(theta=0.1, clamp=(-5.0, 5.0), solver=solver, layout=model.layout, init_seed=0)
+    used = sorted(set(p.schedule_for().used_routers()))
+    with torch.no_grad():
+        for i, r in enumerate(used):
+            p.routers[r].fill_(5.0 if i % 2 == 0 else -5.0)  # half the cache steps tied at the top clamp
+    p.budget = 0.25  # fewer sites than are tied at +5
+    topk = {r: list(m) for r, m in p.inference_masks().items()}
+    tied = sum(len(m) for i, m in enumerate(p.inference_masks().values()) if i % 2 == 0)
+    assert 0 < sum(sum(m) for m in topk.values()) < tied  # the budget splits the tie
+    TrajectoryObjective(budget=0.5).finish(p)
+    assert p.budget is None and p.inference_masks() == topk

@@ -69,6 +69,9 @@ def final_sample_loss(den, solver, policy, noise, cond, target, shift: float, te
     return (solver.final(state).float() - target.float()).pow(2).mean()
 
 
+TIE_GAP = 1e-2  # finish(): the least distance of a routed logit from logit(theta)
+
+
 def logit_of(p: float) -> float:
     p = min(max(float(p), 1e-9), 1 - 1e-9)
     return math.log(p / (1 - p))
@@ -179,7 +182,11 @@ class TrajectoryObjective:
         kept = [float(policy.routers[r][j]) for r, m in masks.items() for j, c in enumerate(m) if c]
         dropped = [float(policy.routers[r][j]) for r, m in masks.items() for j, c in enumerate(m) if not c]
         lo, hi = max(dropped, default=min(kept, default=0.0) - 2.0), min(kept, default=max(dropped, default=0.0) + 2.0)
-        delta = logit_of(policy.theta) - (lo + hi) / 2
-        for p in policy.routers:
+        t = logit_of(policy.theta)
+        delta = t - (lo + hi) / 2
+        for r, p in enumerate(policy.routers):
             p.add_(delta)
+            if r in masks:  # logits tied across the boundary (e.g. at the clamp) are parted by TIE_GAP around
+                keep = torch.as_tensor(masks[r], device=p.device)  # theta, so the theta rule keeps the budget
+                p.copy_(torch.where(keep, p.clamp(min=t + TIE_GAP), p.clamp(max=t - TIE_GAP)))
         policy.budget = None
