@@ -165,7 +165,9 @@ def test_samples_png_decodes_through_the_vae_cached_beside_full(tmp_path):
     ck = perturbed_ckpt("tiny_dit", tmp_path / "teacher.pt")
     res = evaluate(compose_cfg("evaluate", [f"backbone.ckpt={ck}", "policy=fora", f"backbone.vae={tmp_path / 'vae'}",
                                             "eval.num_samples=2", "eval.batch_size=2", *QUICK], tmp_path / "run"))
-    img = torch.from_numpy(__import__("numpy").array(Image.open(res["grid"]).convert("RGB"))).permute(2, 0, 1)
+    assert res["grid"] == str(tmp_path / "run" / "samples.png") and Image.open(res["grid"]).size[0] > 300  # labelled
+    raw = tmp_path / "run" / "samples_raw.png"
+    img = torch.from_numpy(__import__("numpy").array(Image.open(raw).convert("RGB"))).permute(2, 0, 1)
     # 2 samples x (cached, full), each 8x8 latent -> 16x16 pixels, upscaled x8 to 128, padding 2 (make_grid)
     assert tuple(img.shape) == (3, 128 + 4, 4 * (128 + 2) + 2)
     cached = torch.load(tmp_path / "run" / "samples.pt")

@@ -9,8 +9,9 @@ the batch size:
   ``scripts/encode_prompts.py`` (``{"y": (N, L, C) T5 states, "mask": (N, L), "prompts"}``), cycled over
   the samples. Without it the samples use random embeddings, and the log says so.
 
-Pictures (``samples.png``): cached and uncached samples side by side (two columns per sample, cached
-left), decoded through a diffusers ``AutoencoderKL`` when ``backbone.vae=<local directory>`` is set
+Pictures: ``samples.png`` shows the first samples, the cached row above the uncached one, labelled (policy,
+MACs, PSNR; a column per class) and captioned; ``samples_raw.png`` holds every sample as pixel-exact pairs
+(two columns per sample, cached left). Both are decoded through a diffusers ``AutoencoderKL`` when ``backbone.vae=<local directory>`` is set
 (latents divided by ``backbone.vae_scale``, 0.18215 for the SD VAE); pixel-space backbones (1 or 3
 channels) are shown directly; other latents fall back to their first three channels, min-max scaled.
 """

@@ -25,6 +25,7 @@ from ..sampling import compile_backbone, sample
 from ..utils.build import build_loggers, build_policy, build_solver
 from ..utils.console import setup_console
 from ..utils.hashing import file_sha256
+from ..utils.grids import class_labels, labelled_grid
 from ..utils.record import QUALITY, Row, caption, provenance, save_rows, teacher_label, write_table
 from .eval_io import Conditioning, decode, save_grid
 
@@ -134,8 +135,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if int(cfg.eval.latency_repeats) > 0:
         result.update(_latency(cfg, backbone, solver, policy, guidance, device, conditioning))
     if cfg.eval.save_grid:
-        result["grid"] = str(save_grid(cached, out / "samples.png", full=full, vae=cfg.backbone.get("vae"),
-                                       scale=float(cfg.backbone.get("vae_scale") or 0.18215)))
+        result["grid"] = str(_grids(cfg, out, cached, full, result, policy, backbone, conditioning))
     torch.save(cached, out / "samples.pt")
     result["samples_sha256"] = set_hash(cached)
     (out / "summary.json").write_text(json.dumps(result, indent=2))
@@ -168,6 +168,23 @@ def _report(cfg, solver, policy, result: dict, cost: dict, out: Path) -> str:
     md = write_table([row], out / "evaluation", text)
     return f"\n{md}\nsaved: {out / 'summary.json'} (every number), {out / 'results.json'}" + (
         f", {result['grid']}" if "grid" in result else "")
+
+
+def _grids(cfg, out: Path, cached, full, result: dict, policy, backbone, conditioning, n: int = 8) -> Path:
+    """``samples.png``: the first ``n`` samples, cached row above the uncached one, rows labelled (policy, MACs,
+    PSNR), columns by class, captioned; ``samples_raw.png``: every sample as pixel-exact cached | full pairs."""
+    vae, scale = cfg.backbone.get("vae"), float(cfg.backbone.get("vae_scale") or 0.18215)
+    save_grid(cached, out / "samples_raw.png", full=full, vae=vae, scale=scale)
+    n = min(n, cached.shape[0])
+    _, cond = seeded_inputs(backbone, range(n), cfg.seed, "cpu", conditioning.batch)
+    psnr = f", PSNR {result['psnr_vs_full_db']:.1f} dB" if full is not None and policy.name != "none" else ""
+    rows = [decode(cached[:n], vae, scale)] + ([decode(full[:n], vae, scale)] if full is not None else [])
+    name = "full (uncached)" if policy.name == "none" else policy.name
+    labels = [f"{name}\n{result['macs_fraction']:.2f} MACs{psnr}", "full (uncached)\n1.00 MACs"]
+    prov = {**provenance(), "teacher": teacher_label(cfg.backbone)}
+    text = caption(f"evaluate.py policy={policy.name}, first {n} samples", prov["teacher"],
+                   int(result["num_samples"]), int(cfg.seed), prov)
+    return labelled_grid(rows, labels[:len(rows)], class_labels(cond, n), out / "samples.png", text)
 
 
 def _latency(cfg, backbone, solver, policy, guidance: float, device, conditioning) -> dict:
