@@ -43,16 +43,18 @@ bench-gpu: $(VENV)/.bench
 # EMA weights with the v-prediction weighting (module.loss_weight=v), lr 3e-4, 100 warm-up steps, capped at
 # 100 min (both stages run both teachers side by side on 2 CPU cores); stage 3, the U-ViT alone on both cores
 # (it learns more slowly), repeats stage 2's recipe from stage 2's weights for 20,000 steps.
-TEACHER ?= max_steps=8000 max_minutes=88
-TEACHER2 ?= lr=3e-4 warmup_steps=100 loss_weight=v max_steps=12000 max_minutes=100
-TEACHER3_UVIT ?= lr=3e-4 warmup_steps=100 loss_weight=v max_steps=20000 max_minutes=120
+# (assets/MANIFEST.json records the commands as they were run, with scripts/train_teachers.py's earlier flat
+# keys: max_steps -> trainer.max_steps, lr / warmup_steps / loss_weight -> module.*, init -> backbone.ckpt)
+TEACHER ?= trainer.max_steps=8000 max_minutes=88
+TEACHER2 ?= module.lr=3e-4 module.warmup_steps=100 module.loss_weight=v trainer.max_steps=12000 max_minutes=100
+TEACHER3_UVIT ?= module.lr=3e-4 module.warmup_steps=100 module.loss_weight=v trainer.max_steps=20000 max_minutes=120
 teachers: env
 	OMP_NUM_THREADS=2 $(PY) scripts/train_teachers.py classifier
 	OMP_NUM_THREADS=1 $(PY) scripts/train_teachers.py teacher mnist_dit $(TEACHER) & \
 	OMP_NUM_THREADS=1 $(PY) scripts/train_teachers.py teacher mnist_uvit $(TEACHER) & wait
-	OMP_NUM_THREADS=1 $(PY) scripts/train_teachers.py teacher mnist_dit init=assets/mnist_dit.pt $(TEACHER2) & \
-	OMP_NUM_THREADS=1 $(PY) scripts/train_teachers.py teacher mnist_uvit init=assets/mnist_uvit.pth $(TEACHER2) & wait
-	OMP_NUM_THREADS=2 $(PY) scripts/train_teachers.py teacher mnist_uvit init=assets/mnist_uvit.pth $(TEACHER3_UVIT)
+	OMP_NUM_THREADS=1 $(PY) scripts/train_teachers.py teacher mnist_dit backbone.ckpt=assets/mnist_dit.pt $(TEACHER2) & \
+	OMP_NUM_THREADS=1 $(PY) scripts/train_teachers.py teacher mnist_uvit backbone.ckpt=assets/mnist_uvit.pth $(TEACHER2) & wait
+	OMP_NUM_THREADS=2 $(PY) scripts/train_teachers.py teacher mnist_uvit backbone.ckpt=assets/mnist_uvit.pth $(TEACHER3_UVIT)
 	OMP_NUM_THREADS=2 $(PY) scripts/train_teachers.py evaluate mnist_dit n_per_class=100
 	OMP_NUM_THREADS=2 $(PY) scripts/train_teachers.py evaluate mnist_uvit n_per_class=100
 	$(PY) scripts/train_teachers.py manifest

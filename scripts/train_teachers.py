@@ -1,7 +1,7 @@
 """Train the offline demo's MNIST models and write them to ``assets/`` with ``assets/MANIFEST.json``.
 
     python scripts/train_teachers.py classifier                 # the quality extractor (~4 min on 2 cores)
-    python scripts/train_teachers.py teacher mnist_dit [k=v ..]  # a teacher (module/teacher_pretrain.yaml keys)
+    python scripts/train_teachers.py teacher mnist_dit [k=v ..]  # teach.py into assets/ (conf/teach.yaml overrides)
     python scripts/train_teachers.py evaluate mnist_dit          # class accuracy of its CFG samples
     python scripts/train_teachers.py manifest                    # sha256 + records -> assets/MANIFEST.json
     python scripts/train_teachers.py diagnose mnist_dit          # x0 error per noise level vs class-mean image
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 ASSETS = ROOT / "assets"
 RECORDS = ROOT / "logs" / "teachers"
 
@@ -102,11 +101,20 @@ def cmd_classifier(args: list[str]) -> None:
 
 
 def cmd_teacher(args: list[str]) -> None:
-    from diffcache.modules.teacher_pretrain import train_teacher
+    """``teacher <name> [Hydra overrides of conf/teach.yaml]``: ``teach(cfg)`` into assets/, logs under
+    logs/teachers/<name>, and its record."""
+    from hydra import compose, initialize_config_dir
+
+    from diffcache.tasks.teach import teach
+    from diffcache.utils.resolvers import conf_dir
 
     name, overrides = args[0], args[1:]
+    log_dir = ROOT / "logs" / "teachers" / name
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("teach", overrides=[f"backbone={name}", f"export_dir={ASSETS}", f"paths.output_dir={log_dir}",
+                                          *overrides])
     t0 = time.time()
-    fig = train_teacher(name, overrides, out_dir=ASSETS, log_dir=ROOT / "logs" / "teachers" / name)
+    fig = teach(cfg)
     for grid in (ASSETS / "grids").glob(f"{name}_step*.png"):  # an earlier stage's final grid: not shipped twice
         if grid.relative_to(ASSETS).as_posix() not in fig["files"]:
             grid.unlink()

@@ -1,4 +1,4 @@
-"""Teacher pretraining (``module=teacher_pretrain``): train a DiT or U-ViT backbone from scratch on MNIST.
+"""Teacher pretraining (``teach.py``, ``module=teacher_pretrain``): a DiT or U-ViT backbone from scratch on MNIST.
 
 Why: pretrained DiT / U-ViT weights cannot be downloaded here, so the offline demo trains its own small
 teachers. The recipe follows each family's reference: DiT's eps-MSE + variational bound with learned sigma on
@@ -13,19 +13,13 @@ dict with the official key names, which ``backbone.ckpt`` loads strictly.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import shutil
-import sys
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 
-from ..backbones import build_backbone, load_checkpoint
-from ..data.mnist import MNISTDataModule
 from ..sampling import sample
 from ..solvers.ddim import DDIM
 from ..solvers.dpm_solver import DPMSolver2
@@ -33,6 +27,8 @@ from ..utils.resolvers import conf_dir
 from .diffusion_loss import GaussianDiffusionLoss
 
 CONF = conf_dir()
+
+
 def official_file_name(backbone, name: str) -> str:
     """The official file name: DiT ships ``.pt``, U-ViT ``nnet`` ``.pth`` (the backbone's checkpoint suffix)."""
     return f"{name}{backbone.checkpoint_suffix}"
@@ -41,9 +37,7 @@ def official_file_name(backbone, name: str) -> str:
 def grid_solver(backbone, schedule: str, num_steps: int = 20, time_input: str = "scaled"):
     """The family's sampler for sample grids: DDIM-20 for learned-sigma DiTs, DPM-Solver-2 with 20 NFE (U-ViT)."""
     if backbone.learn_sigma:
-
         return DDIM(num_steps, schedule=schedule)
-
     return DPMSolver2(num_steps, schedule=schedule, prediction="x0", time_input=time_input)
 
 
@@ -54,7 +48,7 @@ class TeacherPretrain(L.LightningModule):
                  label_drop: float = 0.1, guidance: float | None = None, time_input: str = "scaled",
                  grid_per_class: int = 8, out_dir: str | None = None, export_name: str | None = None,
                  grid_dir: str | None = None, seed: int = 0, loss_weight: str = "uniform",
-                 weight_max: float = 1000.0, **_: Any):
+                 weight_max: float = 1000.0):
         super().__init__()
         if backbone.text_conditioned:
             raise ValueError(f"teacher_pretrain trains class-conditional backbones, got {type(backbone).__name__}")
@@ -151,56 +145,3 @@ class TeacherPretrain(L.LightningModule):
         sd = (self.ema if model is None else model).state_dict()
         torch.save({k: v.detach().cpu().clone() for k, v in sd.items()}, tmp)
         os.replace(tmp, path)
-
-
-def teacher_config(name: str, overrides: list[str] | None = None):
-    """``conf/module/teacher_pretrain.yaml`` merged with the backbone's keys and ``k=v`` overrides."""
-    from omegaconf import OmegaConf
-
-    path = CONF / "backbone" / f"{name}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no backbone config {path}; teachers are mnist_dit or mnist_uvit")
-    bb = OmegaConf.load(path)
-    mod = OmegaConf.load(CONF / "module" / "teacher_pretrain.yaml")
-    cfg = OmegaConf.merge(mod, {"arch": bb.arch, "schedule": bb.schedule, "time_input": bb.time_input,
-                                "guidance": bb.guidance, "clip_denoised": bool(bb.get("clip_denoised", False))}, OmegaConf.from_dotlist(list(overrides or [])))
-    return cfg
-
-
-def train_teacher(name: str, overrides: list[str] | None, out_dir: Path, log_dir: Path) -> dict:
-    """Train backbone ``name`` with the teacher recipe; export the EMA weights to ``out_dir``; return figures."""
-    import time
-
-    from omegaconf import OmegaConf
-
-    cfg = teacher_config(name, overrides)
-    L.seed_everything(int(cfg.seed), workers=True)
-    backbone = build_backbone(cfg.arch)
-    backbone.clip_denoised = bool(cfg.clip_denoised)  # the grids sample as the configured teacher does
-    if cfg.get("init"):  # warm start (stage 2 of the recipe): weights, and so the EMA, start from a state dict
-
-        load_checkpoint(backbone, cfg.init)
-    module = TeacherPretrain(backbone, out_dir=str(out_dir), export_name=official_file_name(backbone, name),
-                             grid_dir=str(Path(log_dir) / "grids"),  # every validation's grid; the last one ships
-                             **{k: v for k, v in OmegaConf.to_container(cfg).items() if k != "arch" and not k.startswith("_")})
-    dm = MNISTDataModule(batch_size=int(cfg.batch_size), seed=int(cfg.seed))
-    max_time = None if cfg.max_minutes is None else {"minutes": float(cfg.max_minutes)}
-    trainer = L.Trainer(max_steps=int(cfg.max_steps), max_time=max_time, val_check_interval=int(cfg.val_every),
-                        check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
-                        accelerator="auto", devices=1, enable_checkpointing=False, log_every_n_steps=50,
-                        gradient_clip_val=cfg.get("grad_clip"),
-                        logger=L.pytorch.loggers.CSVLogger(str(log_dir), name="", version=""),
-                        default_root_dir=str(log_dir),
-                        callbacks=[L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 100)])
-    t0 = time.time()
-    trainer.fit(module, dm)
-    module.sample_grid()  # the final grid and export (also after a max_time stop)
-    final = Path(out_dir) / "grids" / Path(module.grids[-1]).name
-    final.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(module.grids[-1], final)
-    fig = {"files": [module.export_name, final.relative_to(out_dir).as_posix()],
-           "steps": int(trainer.global_step), "train_wall_s": round(time.time() - t0, 1),
-           "final_losses": module.last_losses, "config": OmegaConf.to_container(cfg),
-           "params": sum(p.numel() for p in backbone.parameters())}
-    (Path(log_dir) / "figures.json").write_text(json.dumps(fig, indent=2))
-    return fig
