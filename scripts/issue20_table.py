@@ -34,8 +34,9 @@ def rows_of(runs: list[dict]) -> list[Row]:
             elif "greedy" in d["method"]:
                 continue  # greedy and DP chose the same masks at 0.7 / 0.8 (within 0.12 dB at 0.6): DP shown
             groups.setdefault(d["method"], [])
-            if d.get("seed") is not None or not groups[d["method"]]:  # a baseline counts once
-                groups[d["method"]].append(d)
+            seen = {x.get("seed") for x in groups[d["method"]]}
+            if not groups[d["method"]] or (d.get("seed") is not None and d["seed"] not in seen):
+                groups[d["method"]].append(d)  # a baseline counts once, a trained router once per seed
     out = []
     for label, ds in groups.items():
         row = Row(method=ds[0]["kind"], title=label, solver="ddim", nfe=int(ds[0]["nfe"]), seeds=len(ds),
