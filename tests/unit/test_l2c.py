@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffcache.backbones.base import CachedBackbone
+from diffcache.backbones.base import CachedBackbone, SiteLayout
 from diffcache.context import StepContext
 from diffcache.policies.l2c import (
     L2CPolicy,
@@ -590,3 +590,21 @@ def test_hydra_group_builds_the_policy(bb):
     assert set(p.summary()) >= {"cached", "cacheable", "cached_attn", "cached_mlp", "mean_beta"}
     with pytest.raises(Exception, match="thetta"):
         instantiate({"_target_": "diffcache.policies.l2c.L2CPolicy", "thetta": 0.1})
+
+
+def test_compute_mask_for_another_solver_reads_without_rebinding_the_policy(bb):
+    """Issue 22: compute_mask (and so policy_cost) re-prepared the policy with the solver it was asked about.
+    DDIM-20 and DPM-Solver-2 NFE 20 both read 20 routers, so the old code silently switched the policy's
+    schedule from alternating to shifted."""
+    p = bound_for_test(L2CPolicy(solver=ddim(20), theta=0.5, init_seed=0), bb)
+    before = p.schedule
+    other = p.compute_mask(bb.layout, dpm(20))
+    assert p.schedule is before and p.schedule.kind == "alternating"
+    mine = p.compute_mask()
+    assert other != mine  # the question was really about another schedule: its cache evaluations differ
+    assert {e for (e, _, _), v in other.items() if v == 0.0} <= set(make_schedule(dpm(20)).cache_evals())
+    with pytest.raises(ValueError, match="router length 6 does not match"):
+        p.compute_mask(SiteLayout(depth=2, site_kinds=("attn", "mlp")))
+    assert p.layout == bb.layout
+    with pytest.raises(ValueError, match="no routers yet"):
+        L2CPolicy(theta=0.5).compute_mask(bb.layout, ddim(20))

@@ -97,8 +97,7 @@ class L2CPolicy(CachePolicy):
         self.theta = float(theta)
         self.clamp = _as_clamp(clamp)
         self.budget = None if budget is None else float(budget)
-        self.budget_mode, self.budget_unit = budget_mode, budget_unit
-        self.site_cost = dict(site_cost or {})
+        self.budget_mode, self.budget_unit, self.site_cost = budget_mode, budget_unit, dict(site_cost or {})
         self.lam, self.init_seed, self.router_format = lam, init_seed, router_format
         self.allow_mismatch = bool(allow_mismatch)
         self.run_record: dict | None = None  # the run this policy is set up for (recorded on export)
@@ -157,12 +156,7 @@ class L2CPolicy(CachePolicy):
             self._check_schedule(sched)
             self.schedule = sched
         if len(self.routers):
-            if self.num_sites != layout.num_sites:
-                raise ValueError(
-                    f"router length {self.num_sites} does not match the backbone: depth {layout.depth} x "
-                    f"{len(layout.site_kinds)} kinds {layout.site_kinds} = {layout.num_sites} cache sites (a DiT-XL/2 "
-                    f"router has 56 entries, a U-ViT-H/2 router 58; routers trained for one backbone cannot drive "
-                    f"another)")
+            self._check_layout(layout)
         else:
             if self.schedule is None:
                 raise ValueError("L2CPolicy: the number of routers is unknown; pass solver= (or schedule=) so the "
@@ -180,6 +174,13 @@ class L2CPolicy(CachePolicy):
             provenance.check(self.imported.record, self.run_record, self.imported.extra.get("path", "router"),
                              self.allow_mismatch)
             self._checked = key
+
+    def _check_layout(self, layout: SiteLayout) -> None:
+        if self.num_sites != layout.num_sites:
+            raise ValueError(f"router length {self.num_sites} does not match the backbone: depth {layout.depth} x "
+                             f"{len(layout.site_kinds)} kinds {layout.site_kinds} = {layout.num_sites} cache sites (a "
+                             f"DiT-XL/2 router has 56 entries, a U-ViT-H/2 router 58; routers trained for one "
+                             f"backbone cannot drive another)")
 
     def _check_schedule(self, sched: L2CSchedule) -> None:
         if len(self.routers) and sched.num_routers != self.num_routers:
@@ -298,19 +299,18 @@ class L2CPolicy(CachePolicy):
             return torch.ones(self.num_sites, dtype=torch.float64)
         return site_costs(self.site_kinds, self.num_sites // len(self.site_kinds), self.site_cost)
 
-    def inference_masks(self, theta: float | None = None) -> dict[int, list[bool]]:
-        """``{router: [compute?] * num_sites}`` for every router the schedule reads (theta rule or budget).
-
-        An explicit ``theta`` always uses the theta rule, for sensitivity sweeps.
-        """
+    def inference_masks(self, theta: float | None = None, schedule: L2CSchedule | None = None) -> dict[int, list[bool]]:
+        """``{router: [compute?] * num_sites}`` for every router the schedule (default: the run's) reads, by the
+        theta rule or the budget. An explicit ``theta`` always uses the theta rule, for sensitivity sweeps."""
+        schedule = schedule or self.schedule
         with torch.no_grad():
             if theta is None and self.budget is not None:
-                routers = sorted(set(self.schedule_for().used_routers()))
+                routers = sorted(set((schedule or self.schedule_for()).used_routers()))
                 _, m = budget_masks([p.detach() for p in self.routers], routers, self.costs(), self.budget,
                                     per_step=self.budget_mode == "per_step")
                 return {r: v.tolist() for r, v in m.items()}
             th = self.theta if theta is None else float(theta)
-            routers = range(self.num_routers) if self.schedule is None else sorted(set(self.schedule.used_routers()))
+            routers = range(self.num_routers) if schedule is None else sorted(set(schedule.used_routers()))
             return {r: (torch.sigmoid(self.routers[r].detach()) > th).tolist() for r in routers}
 
     def effective_theta(self) -> float | None:
@@ -323,12 +323,14 @@ class L2CPolicy(CachePolicy):
         return budget_masks([p.detach() for p in self.routers], routers, self.costs(), self.budget)[0]
 
     def compute_mask(self, layout=None, solver=None) -> dict[tuple[int, int, str], float]:
-        """1.0 computed / 0.0 reused per (nfe, layer, kind) at inference (for the MAC counter)."""
+        """1.0 computed / 0.0 reused per (nfe, layer, kind) at inference (MAC counter); re-binds nothing."""
         solver = solver if hasattr(solver, "num_evals") else None  # an int count carries no schedule
-        if layout is not None or solver is not None:
-            self.prepare(layout or self.layout, solver)
-        sched = self.schedule_for()
-        masks = self.inference_masks()
+        if not len(self.routers):
+            raise ValueError("L2CPolicy has no routers yet: load or train them (or run the policy once) first")
+        if layout is not None:
+            self._check_layout(layout)
+        sched = self.schedule_for(solver)
+        masks = self.inference_masks(schedule=sched)
         depth = self.num_sites // len(self.site_kinds)
         return {(e, layer, kind): 1.0 if sched.router[e] is None or masks[sched.router[e]][self.site_index(layer, kind)]
                 else 0.0 for e in range(sched.num_evals) for layer in range(depth) for kind in self.site_kinds}
