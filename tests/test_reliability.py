@@ -292,3 +292,22 @@ def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
     assert len(written) == 1 and written[0].name.endswith("-2") and written[0].name[:-2] in taken, written
     assert all(not any((runs / name).iterdir()) for name in taken)  # the taken folders were left alone
     assert sorted(p.name for p in runs.iterdir() if p.name not in taken) == [written[0].name]  # no stray folder
+
+
+def test_two_sweeps_started_in_the_same_second_get_their_own_folders(tmp_path):
+    """The same for ``-m``: Hydra names the sweep folder to the second and its jobs' subfolders by job number,
+    so a second sweep in the same second wrote its ``0_...`` jobs over the first one's. It now claims
+    ``<name>-2``, and every job (whose config Hydra recomposes from the overrides) and the sweep table follow."""
+    sweeps = tmp_path / "logs" / "evaluate" / "multiruns" / "probe"
+    now = time.time()
+    taken = {time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now + k)) for k in range(120)}
+    for name in taken:
+        (sweeps / name).mkdir(parents=True)
+    res = _cli("evaluate.py", ["-m", "policy=fora,none", "eval.num_samples=2", "eval.batch_size=2", "run_name=probe",
+                               "paths.log_dir=logs", *QUICK], tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (claimed,) = [p for p in sweeps.iterdir() if p.name not in taken]
+    assert claimed.name.endswith("-2") and claimed.name[:-2] in taken
+    assert sorted(p.parent.name.split("_")[0] for p in claimed.rglob("summary.json")) == ["0", "1"]
+    assert (claimed / "summary.csv").is_file()  # the sweep table was written where the jobs ran
+    assert all(not any((sweeps / name).iterdir()) for name in taken)

@@ -7,8 +7,8 @@ unreadable or truncated checkpoint, a router that does not fit the backbone), mo
 has, several devices without the DDP strategy router training needs, ``train.py`` with a policy that has nothing to train, a router recipe whose ``lr x updates
 per router`` cannot move a logit past theta (refused when it states ``module.updates_per_router``, else
 warned). ``logger=wandb`` with no API key configured and no ``WANDB_MODE`` logs offline (``wandb sync``
-uploads later), and says so. When every check passes it claims the run folder (``-2`` when another run
-started in the same second holds the name).
+uploads later), and says so. When every check passes it claims the run or sweep folder (``-2`` when another
+run started in the same second holds the name).
 """
 from __future__ import annotations
 
@@ -162,16 +162,17 @@ def resume_in_place(cfg: DictConfig) -> Path | None:
     return run
 
 
-def claim_run_dir(cfg: DictConfig) -> Path | None:
-    """Create the run folder now, atomically, with a ``-2``, ``-3`` ... suffix when another run (two jobs started
-    in the same second) holds the timestamped name, so two runs never share logs and checkpoints. A folder the
-    user names (``hydra.run.dir=``) or a resume in place is used as it is."""
+def claim_run_dir(cfg: DictConfig, key: str = "hydra.run.dir") -> Path | None:
+    """Create the run (or sweep) folder now, atomically, with a ``-2``, ``-3`` ... suffix when another run (two
+    jobs started in the same second) holds the timestamped name, so two runs never share logs and checkpoints.
+    A folder the user names (``hydra.run.dir=`` / ``hydra.sweep.dir=``) or a resume in place is used as it is.
+    A sweep's jobs recompose their configs from the Hydra overrides, so the claimed sweep folder is added there."""
     from omegaconf import open_dict, read_write
 
-    if any(str(o).startswith("hydra.run.dir=") for o in cfg.hydra.overrides.hydra):
+    if any(str(o).startswith(f"{key}=") for o in cfg.hydra.overrides.hydra):
         return None
-    base = Path(str(_select(cfg, "hydra.run.dir") or ""))
-    if not str(base) or str(base) == ".":
+    base = Path(str(_select(cfg, key) or ""))
+    if not str(base) or str(base) == "." or "'" in str(base):
         return None
     base.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
@@ -181,7 +182,9 @@ def claim_run_dir(cfg: DictConfig) -> Path | None:
         except FileExistsError:
             continue
         with read_write(cfg.hydra), open_dict(cfg.hydra):
-            cfg.hydra.run.dir = str(run)
+            OmegaConf.update(cfg, key, str(run))
+            if key == "hydra.sweep.dir":
+                cfg.hydra.overrides.hydra.append(f"{key}='{run}'")
         return run
     return None
 
@@ -195,6 +198,8 @@ def _run(cfg: DictConfig, run_dir_key: str) -> None:
             check_inputs(cfg)
             if resumed is None:
                 claim_run_dir(cfg)
+        else:
+            claim_run_dir(cfg, run_dir_key)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         if os.environ.get("DIFFCACHE_DEBUG"):
             raise
