@@ -607,4 +607,6 @@ def test_compute_mask_for_another_solver_reads_without_rebinding_the_policy(bb):
         p.compute_mask(SiteLayout(depth=2, site_kinds=("attn", "mlp")))
     assert p.layout == bb.layout
     with pytest.raises(ValueError, match="no routers yet"):
-        L2CPolicy(theta=0.5).compute_mask(bb.layout, ddim(20))
+        L2CPolicy(theta=0.5).compute_mask()
+    fresh = L2CPolicy(theta=0.5)  # no routers yet: a cost estimate builds the ones a run would start from
+    assert len(fresh.compute_mask(bb.layout, ddim(20))) == 20 * bb.layout.num_sites and len(fresh.routers) == 20

@@ -325,10 +325,10 @@ class L2CPolicy(CachePolicy):
     def compute_mask(self, layout=None, solver=None) -> dict[tuple[int, int, str], float]:
         """1.0 computed / 0.0 reused per (nfe, layer, kind) at inference (MAC counter); re-binds nothing."""
         solver = solver if hasattr(solver, "num_evals") else None  # an int count carries no schedule
-        if not len(self.routers):
-            raise ValueError("L2CPolicy has no routers yet: load or train them (or run the policy once) first")
-        if layout is not None:
-            self._check_layout(layout)
+        if not len(self.routers) and layout is None:
+            raise ValueError("L2CPolicy has no routers yet: load or train them, or pass the layout")
+        if layout is not None:  # no routers yet: build the ones a run would start from; else only check
+            self._check_layout(layout) if len(self.routers) else self.prepare(layout, solver)
         sched = self.schedule_for(solver)
         masks = self.inference_masks(schedule=sched)
         depth = self.num_sites // len(self.site_kinds)
