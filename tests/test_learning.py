@@ -13,6 +13,7 @@ from hydra_utils import compose_cfg
 from planted import Planted
 
 from diffcache.data.datamodule import SyntheticData
+from diffcache.metrics.cost import policy_cost
 from diffcache.modules.convergence import RouterConvergence, reach_message, recipe_reach, updates_per_iteration
 from diffcache.modules.distill_steps import stratified_picks
 from diffcache.modules.router_distill import RouterDistill
@@ -190,6 +191,41 @@ def test_trajectory_objective_learns_the_planted_sites_at_their_budget(tmp_path,
         assert -1e-6 * full <= over < 2 * unit, (seed, over / unit)
         worst = _final_error(model, solver, every)  # every cache site reused
         assert _final_error(model, solver, policy) <= _final_error(model, solver, _planted_policy(model, solver)) + 1e-5 * worst
+
+
+def test_trajectory_training_ends_on_the_best_scored_mask_not_the_last(tmp_path):
+    """Training that makes the hard mask worse (here: gradient *ascent* from the searched, planted mask) must not
+    hand its last logits over: with held-out selection the router ends on the best mask scored (the searched
+    init, at iteration 0), as good as the planted mask; without it (select_every=0) it ends worse. The best
+    mask travels in the checkpoint, so a resumed run keeps it."""
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    model, solver = Planted().eval(), make_solver("ddim", 6)
+    every = L2CPolicy(budget=0.0, layout=model.layout, solver=solver)
+    full, floor = policy_cost(model, solver, None)["macs"], policy_cost(model, solver, every)["macs"]
+    budget = 1 - (1 - 5 / 9) * (full - floor) / full
+    errors = {}
+    for select in (0, 5):
+        cfg = _demo_recipe(tmp_path, "module.objective=trajectory", f"module.trajectory.budget={budget}",
+                           "module.trajectory.init=search", "module.trajectory.guidance=null",
+                           "module.trajectory.pool=16", f"module.trajectory.select_every={select}",
+                           "module.updates_per_router=30", "module.converge.patience=1000")
+        p, m = cfg.policy, cfg.module
+        policy = L2CPolicy(theta=p.theta, clamp=p.clamp, solver=solver, layout=model.layout, init_seed=0)
+        module = RouterDistill(model, solver, policy, seed=0, objective="trajectory", trajectory=m.trajectory,
+                               optimizer=partial(torch.optim.AdamW, lr=0.5, weight_decay=0.0, maximize=True),
+                               updates_per_router=m.updates_per_router, converge=m.converge)
+        trainer = L.Trainer(max_steps=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=SyntheticData(batch_size=4, num_samples=64, seed=0).bind(model))
+        errors[select] = _final_error(model, solver, policy)
+        if select:
+            assert module.traj.best["step"] == 0  # the searched init: ascent only made the mask worse
+            ckpt: dict = {}
+            module.on_save_checkpoint(ckpt)
+            assert ckpt["trajectory"]["best"]["err"] == module.traj.best["err"]
+    planted = _final_error(model, solver, _planted_policy(model, solver))
+    worst = _final_error(model, solver, every)
+    assert errors[5] <= planted + 1e-5 * worst < errors[0], (errors, planted)
 
 
 def _planted_policy(model, solver):

@@ -1,6 +1,8 @@
 """HarmoniCa's image-error-proxy weights and the budget-conditioned objective."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import torch
 from tiny_models import perturbed
@@ -115,5 +117,5 @@ def test_trajectory_finish_keeps_the_budget_when_logits_tie_at_the_clamp():
     topk = {r: list(m) for r, m in p.inference_masks().items()}
     tied = sum(len(m) for i, m in enumerate(p.inference_masks().values()) if i % 2 == 0)
     assert 0 < sum(sum(m) for m in topk.values()) < tied  # the budget splits the tie
-    TrajectoryObjective(budget=0.5).finish(p)
+    TrajectoryObjective(budget=0.5).finish(SimpleNamespace(policy=p, global_step=0))
     assert p.budget is None and p.inference_masks() == topk

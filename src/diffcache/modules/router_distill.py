@@ -27,6 +27,7 @@ Soft routing comes from the module being in train mode; the image-free prefix ro
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 from typing import Callable
@@ -45,6 +46,7 @@ from .trajectory import TrajectoryObjective
 from .validation import QualityValidation
 
 NONFINITE = ("error", "skip")
+log = logging.getLogger(__name__)
 
 
 class RouterDistill(QualityValidation, L.LightningModule):
@@ -130,7 +132,7 @@ class RouterDistill(QualityValidation, L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.traj is not None:
-            self.traj.finish(self.policy)
+            log.info("trajectory objective: router from %s", self.traj.finish(self))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         layout = self.backbone.layout
@@ -139,11 +141,15 @@ class RouterDistill(QualityValidation, L.LightningModule):
                                    "cache_interval": self.policy.cache_interval,
                                    "backbone": type(self.backbone).__name__, "depth": layout.depth,
                                    "site_kinds": list(layout.site_kinds), "cache_evals": self.cache_evals}
+        if self.traj is not None:
+            checkpoint["trajectory"] = self.traj.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming: refuse a checkpoint made with another solver, interval or backbone (provenance)."""
 
         meta = checkpoint.get("diffcache")
+        if self.traj is not None:
+            self.traj.load_state_dict(checkpoint.get("trajectory"))
         provenance.check(provenance.file_record("lightning", lightning=meta) if meta else None,
                          provenance.run_record(self.backbone, self.solver, self.policy), "ckpt_path",
                          getattr(self.policy, "allow_mismatch", False))
