@@ -70,7 +70,9 @@ def profile_shares(model, forward) -> dict:
     if calls:  # every call but the final layer's is a block's
         skip += sum(e.self_cpu_time_total for e in norms) * (calls - 1) / calls
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:4]
+    gated = sum(e.count for e in events if e.key == "aten::addcmul" and not _skippable(e, model))
     return {"gemm_share": gemm / total, "skippable_share": skip / total, "layer_norm_calls": calls,
+            "gated_adds": gated,
             "top_ops": ", ".join(f"{e.key.replace('aten::', '')} {e.self_cpu_time_total / total:.0%}" for e in top)}
 
 
@@ -117,7 +119,8 @@ def reuse_row(model, batch: int, dtype: torch.dtype, repeats: int = 5) -> dict:
            "gemm_share_full": round(shares_full["gemm_share"], 3),
            "skippable_share_full": round(shares_full["skippable_share"], 3),
            "skippable_share_reused": round(shares_reused["skippable_share"], 4),
-           "layer_norm_calls_reused": shares_reused["layer_norm_calls"], "top_ops_reused": shares_reused["top_ops"],
+           "layer_norm_calls_reused": shares_reused["layer_norm_calls"], "gated_adds_reused": shares_reused["gated_adds"],
+           "top_ops_reused": shares_reused["top_ops"],
            "repeats": len(full)}
     print(json.dumps(row), flush=True)
     return row
@@ -136,7 +139,8 @@ COLUMNS = [("model", "arch"), ("dtype", "dtype"), ("batch (x2 CFG)", "batch"), (
            ("fully reused ms", "reused_ms"), ("reused / full", "reused_over_full"),
            ("MAC floor (adaLN, embed, final)", "floor_macs"), ("GEMM share, full", "gemm_share_full"),
            ("skippable share, full", "skippable_share_full"), ("skippable share, reused", "skippable_share_reused"),
-           ("LayerNorm calls, reused", "layer_norm_calls_reused"), ("top ops, reused", "top_ops_reused")]
+           ("LayerNorm calls, reused", "layer_norm_calls_reused"), ("gated adds, reused", "gated_adds_reused"),
+           ("top ops, reused", "top_ops_reused")]
 
 
 def table(rows: list[dict]) -> str:

@@ -32,4 +32,5 @@ def test_reuse_proxy_sees_no_branch_op_in_a_fully_reused_evaluation():
     row = reuse_row(model, batch=2, dtype=torch.bfloat16, repeats=1)
     assert row["skippable_share_reused"] == 0 and row["layer_norm_calls_reused"] == 1
     assert row["skippable_share_full"] > 0 and 0 < row["floor_macs"] < 1  # the full forward has them
-    assert "addcmul" in row["top_ops_reused"]  # the gated residual adds are what remains
+    # what remains is the gated residual adds, one per branch per block (the time-ranked top ops vary by run)
+    assert row["gated_adds_reused"] == len(model.cache_sites()) == 2 * model.depth
