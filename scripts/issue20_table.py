@@ -21,6 +21,9 @@ from diffcache.utils.pareto import pareto_png
 from diffcache.utils.record import RESULTS, average, load_rows, write_table
 
 
+TITLES = {"trajectory": "final-sample, search init", "iepo": "L2C + IEPO"}
+
+
 def rows_of(runs: list[dict]) -> list:
     rows = []
     for run in runs:
@@ -32,9 +35,11 @@ def rows_of(runs: list[dict]) -> list:
                 continue
             # one recipe per (objective, budget): settings shared by every run (noise data, batch 2, λ) and
             # whether validation ran (it changes no router update) stay in the caption
-            v = {"module.objective": r.variant.get("module.objective", "l2c")}
-            v.update({k: r.variant[k] for k in ("module.trajectory.budget",) if k in r.variant})
-            rows.append(replace(r, seed=int(run["seed"]), variant=v))
+            objective = r.variant.get("module.objective", "l2c")
+            v = {k: r.variant[k] for k in ("module.trajectory.budget",) if k in r.variant}
+            method, title = (r.method, r.title) if objective in ("l2c", "budget") else (objective, TITLES[objective])
+            params = {} if objective == "trajectory" else r.params  # theta is moved onto the budget's top-k
+            rows.append(replace(r, seed=int(run["seed"]), variant=v, method=method, title=title, params=params))
     return average(rows)
 
 
