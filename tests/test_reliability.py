@@ -229,15 +229,18 @@ def test_interrupt_and_kill_then_resume_lose_nothing(tmp_path):
             "policy.clamp=1.0"]
     procs = {sig: _start(args, tmp_path / sig.name, tmp_path / f"{sig.name}.out", tmp_path)
              for sig in (signal.SIGINT, signal.SIGKILL)}
+    sent: set = set()
     try:
         t0 = time.time()
-        while any(p.returncode is None for p, _ in procs.values()) and time.time() - t0 < 300:
+        while len(sent) < len(procs) and time.time() - t0 < 300:
             for sig, (proc, _) in procs.items():  # past the step-20 checkpoint, not past step 30
                 rows = tmp_path / sig.name / "csv" / "metrics.csv"
-                if proc.poll() is None and rows.is_file() and len(rows.read_text().splitlines()) > 23:
-                    proc.send_signal(sig)
-                    proc.wait(timeout=400)  # generous: a loaded 2-core CI machine
-            time.sleep(0.1)
+                if sig not in sent and proc.poll() is None and rows.is_file() and len(rows.read_text().splitlines()) > 23:
+                    proc.send_signal(sig)  # no wait here: the other run must not finish while this one shuts down
+                    sent.add(sig)
+            time.sleep(0.05)
+        for proc, _ in procs.values():
+            proc.wait(timeout=400)  # generous: a loaded 2-core CI machine
     finally:
         for proc, fh in procs.values():
             proc.kill()
@@ -246,6 +249,7 @@ def test_interrupt_and_kill_then_resume_lose_nothing(tmp_path):
     assert not ref.get("partial")
     out = (tmp_path / "SIGINT.out").read_text()
     assert procs[signal.SIGINT][0].returncode == 130, out[-3000:]
+    assert procs[signal.SIGKILL][0].returncode == -signal.SIGKILL  # killed mid-run, not finished first
     run = tmp_path / "SIGINT"
     first = json.loads((run / "summary.json").read_text())
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
