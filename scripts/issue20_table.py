@@ -28,7 +28,7 @@ def rows_of(runs: list[dict]) -> list:
     rows = []
     for run in runs:
         for r in load_rows(Path(run["dir"]) / RESULTS):
-            if r.method == "search" and "greedy" in json.dumps(r.params):
+            if r.method == "search" and r.params.get("algo") == "greedy":
                 continue
             if r.train_s is None:
                 rows.append(replace(r, role=""))

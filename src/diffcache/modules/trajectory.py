@@ -67,6 +67,13 @@ def fully_cached_error(backbone, solver, policy, guidance, num_samples: int = 8,
     return err if err > 0 else 1.0
 
 
+@torch.no_grad()
+def teacher_finals(backbone, solver, guidance, num_samples: int, seed: int, device) -> tuple:
+    """(noise, cond, the uncached sampler's final samples) of a seeded set: the training pool, the held-out set."""
+    noise, cond = seeded_inputs(backbone, range(num_samples), seed, device)
+    return noise, cond, sample(backbone, solver, None, noise, cond, guidance)
+
+
 def final_sample_loss(den, solver, policy, noise, cond, target, shift: float, temperature: float = 1.0,
                       straight_through: bool = True, generator=None) -> torch.Tensor:
     """MSE of the soft-routed student's final sample against ``target``, with the graph of the whole chain."""
@@ -142,18 +149,14 @@ class TrajectoryObjective:
         self.den = Denoiser(bb, self.guidance)
         self.scale = fully_cached_error(bb, solver, policy, self.guidance, self.scale_samples, seed=module.seed)
         if self.pool_size:  # the teacher's final samples of a fixed seeded pool, drawn from every iteration
-            noise, cond = seeded_inputs(bb, range(self.pool_size), module.seed + 2000, module.device)
-            with torch.no_grad():
-                target = sample(bb, solver, None, noise, cond, self.guidance)
-            self.pool = (noise, cond, target)
+            self.pool = teacher_finals(bb, solver, self.guidance, self.pool_size, module.seed + 2000, module.device)
         if fresh and self.init == "search":
             self.searched = search_init(bb, solver, policy, self.budget, self.guidance, self.search_samples,
                                         seed=module.seed + 1000, margin=self.margin,
                                         centre=logit_of(policy.theta) if self.constraint == "lagrange" else 0.0)
         if self.select_every:
-            noise, cond = seeded_inputs(bb, range(self.select_samples), module.seed + 3000, module.device)
-            with torch.no_grad():
-                self.held_out = (noise, cond, sample(bb, solver, None, noise, cond, self.guidance))
+            self.held_out = teacher_finals(bb, solver, self.guidance, self.select_samples, module.seed + 3000,
+                                           module.device)
             if fresh or self.best is None:
                 self.select(module)
 
@@ -161,10 +164,8 @@ class TrajectoryObjective:
     def select(self, module) -> float:
         """Score the current hard top-k mask on the held-out set (final MSE / scale); keep it if best."""
         bb, solver, policy = module.backbone, module.solver, module.policy
-        noise, cond, target = self.held_out
-        was_training = policy.training
+        noise, cond, target = self.held_out  # sample() routes hard and restores the policy's mode
         out = sample(bb, solver, policy, noise, cond, self.guidance, generator=torch.Generator().manual_seed(0))
-        policy.train(was_training)
         err = float((out.float() - target.float()).pow(2).mean()) / self.scale
         if self.best is None or err < self.best["err"]:
             self.best = {"err": err, "step": int(module.global_step),

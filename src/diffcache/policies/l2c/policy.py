@@ -184,10 +184,9 @@ class L2CPolicy(CachePolicy):
 
     def _check_schedule(self, sched: L2CSchedule) -> None:
         if len(self.routers) and sched.num_routers != self.num_routers:
-            raise ValueError(
-                f"the routers were made for {self.num_routers} evaluations but the solver runs "
-                f"{sched.num_evals} ({sched.kind}, {sched.num_steps} steps): routers are per step, so sample "
-                f"with the step count they were trained for")
+            raise ValueError(f"the routers were made for {self.num_routers} evaluations but the solver runs "
+                             f"{sched.num_evals} ({sched.kind}, {sched.num_steps} steps): routers are per step, so "
+                             f"sample with the step count they were trained for")
 
     def schedule_for(self, solver: Any = None) -> L2CSchedule:
         if solver is not None:
@@ -325,10 +324,12 @@ class L2CPolicy(CachePolicy):
     def compute_mask(self, layout=None, solver=None) -> dict[tuple[int, int, str], float]:
         """1.0 computed / 0.0 reused per (nfe, layer, kind) at inference (MAC counter); re-binds nothing."""
         solver = solver if hasattr(solver, "num_evals") else None  # an int count carries no schedule
-        if not len(self.routers) and layout is None:
-            raise ValueError("L2CPolicy has no routers yet: load or train them, or pass the layout")
-        if layout is not None:  # no routers yet: build the ones a run would start from; else only check
-            self._check_layout(layout) if len(self.routers) else self.prepare(layout, solver)
+        if not len(self.routers):  # nothing to keep yet: build the routers a run would start from
+            if layout is None:
+                raise ValueError("L2CPolicy has no routers yet: load or train them, or pass the layout")
+            self.prepare(layout, solver)
+        elif layout is not None:
+            self._check_layout(layout)
         sched = self.schedule_for(solver)
         masks = self.inference_masks(schedule=sched)
         depth = self.num_sites // len(self.site_kinds)
