@@ -41,6 +41,21 @@ def _fused(out: dict, sd: dict, ours: str, theirs: str, names: str) -> None:
             out[f"{theirs}.to_{name}.{s}"] = part
 
 
+def _walk_blocks(sd: dict, family, depth: int, per_block) -> dict[str, torch.Tensor]:
+    """The part both families share: ``family``'s top-level Linears, then per block what ``per_block`` adds,
+    the fused self-attention qkv and ``family.DIFFUSERS_BLOCK_LINEARS``."""
+    out: dict[str, torch.Tensor] = {}
+    for ours, theirs in family.DIFFUSERS_LINEARS:
+        _pair(out, sd, theirs, ours)
+    for i in range(depth):
+        src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
+        per_block(out, i, src, dst)
+        _fused(out, sd, f"{src}.attn.qkv", f"{dst}.attn1", "qkv")
+        for ours, theirs in family.DIFFUSERS_BLOCK_LINEARS:
+            _pair(out, sd, f"{dst}.{theirs}", f"{src}.{ours}")
+    return out
+
+
 def dit_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
     """(diffusers ``DiTTransformer2DModel`` state dict, config) of our :class:`~diffcache.backbones.dit.DiT`."""
     sd, cfg = model.state_dict(), model.config
@@ -51,21 +66,13 @@ def dit_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
     if not torch.equal(sd["pos_embed"].float().cpu(), sincos_pos_embed_2d(hidden, grid, grid).unsqueeze(0)):
         raise ValueError("this DiT's pos_embed is not the fixed 2-D sin-cos table; diffusers recomputes that table "
                          "and cannot store another one")
-    out: dict[str, torch.Tensor] = {}
 
-    def pair(theirs: str, ours: str) -> None:
-        _pair(out, sd, theirs, ours)
-
-    for ours, theirs in dit.DIFFUSERS_LINEARS:
-        pair(theirs, ours)
-    for i in range(int(cfg["depth"])):
-        src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
+    def per_block(out: dict, i: int, src: str, dst: str) -> None:
         for ours, theirs in dit.DIFFUSERS_EMBEDDERS:  # diffusers keeps a copy of the shared embedders per block
-            pair(theirs.format(i=i), ours)
+            _pair(out, sd, theirs.format(i=i), ours)
         out[dit.DIFFUSERS_CLASS_TABLE.format(i=i)] = sd["y_embedder.embedding_table.weight"].clone()
-        _fused(out, sd, f"{src}.attn.qkv", f"{dst}.attn1", "qkv")
-        for ours, theirs in dit.DIFFUSERS_BLOCK_LINEARS:
-            pair(f"{dst}.{theirs}", f"{src}.{ours}")
+
+    out = _walk_blocks(sd, dit, int(cfg["depth"]), per_block)
     config = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": heads,
               "attention_head_dim": hidden // heads, "in_channels": int(cfg["in_channels"]),
               "out_channels": int(model.out_channels), "num_layers": int(cfg["depth"]),
@@ -84,21 +91,13 @@ def pixart_to_diffusers(model) -> tuple[dict[str, torch.Tensor], dict]:
     """
     sd, cfg = model.state_dict(), model.config
     heads, hidden = int(cfg["num_heads"]), int(cfg["hidden_size"])
-    out: dict[str, torch.Tensor] = {}
 
-    def pair(theirs: str, ours: str) -> None:
-        _pair(out, sd, theirs, ours)
-
-    for ours, theirs in pixart.DIFFUSERS_LINEARS:
-        pair(theirs, ours)
-    for i in range(int(cfg["depth"])):
-        src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
+    def per_block(out: dict, i: int, src: str, dst: str) -> None:
         out[f"{dst}.scale_shift_table"] = sd[f"{src}.scale_shift_table"].clone()
-        _fused(out, sd, f"{src}.attn.qkv", f"{dst}.attn1", "qkv")
         _fused(out, sd, f"{src}.cross_attn.kv_linear", f"{dst}.attn2", "kv")
-        for ours, theirs in pixart.DIFFUSERS_BLOCK_LINEARS:
-            pair(f"{dst}.{theirs}", f"{src}.{ours}")
-    pair("proj_out", "final_layer.linear")
+
+    out = _walk_blocks(sd, pixart, int(cfg["depth"]), per_block)
+    _pair(out, sd, "proj_out", "final_layer.linear")
     out["scale_shift_table"] = sd["final_layer.scale_shift_table"].clone()
     null = sd.get("y_embedder.y_embedding")
     if null is not None and not torch.isnan(null).any():
