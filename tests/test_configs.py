@@ -88,7 +88,7 @@ def test_module_options(tmp_path, name):
 
         bb = from_config(cfg.backbone)
         module = TeacherPretrain(bb, **{k: v for k, v in cfg.module.items() if not k.startswith("_")})
-        assert module.lr == cfg.module.lr and module.ema_decay == cfg.module.ema_decay
+        assert module.lr == cfg.module.lr and module.label_drop == cfg.module.label_drop
         return
     bb, solver, policy = from_config(cfg.backbone), build_solver(cfg.solver), build_policy(cfg.policy)
     module = instantiate(cfg.module)(bb, solver, policy)

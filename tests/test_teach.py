@@ -15,19 +15,20 @@ SMALL = "backbone.overrides={hidden_size:32,depth:1,num_heads:2}"  # the mnist_d
 
 
 def test_teach_trains_exports_a_loadable_ema_and_reports_its_figures(tmp_path):
-    res = _cli("teach.py", [SMALL, "trainer.max_steps=3", "trainer.val_check_interval=2", "data.batch_size=4",
-                            "module.grid_per_class=1", "module.ema_decay=0.0", "paths.log_dir=logs"], tmp_path)
+    res = _cli("teach.py", [SMALL, "trainer.max_steps=4", "trainer.val_check_interval=2", "data.batch_size=4",
+                            "module.grid_per_class=1", "callbacks.ema.decay=0.0", "paths.log_dir=logs"], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = next((tmp_path / "logs" / "teach" / "runs" / "teach-mnist_dit").iterdir())
     fig = json.loads((run / "figures.json").read_text())
-    assert fig["steps"] == 3 and fig["files"] == ["mnist_dit.pt", "grids/mnist_dit_step000003.png"]
-    assert fig["config"]["trainer"]["max_steps"] == 3 and fig["config"]["init"] is None
+    assert fig["steps"] == 4 and fig["files"] == ["mnist_dit.pt", "grids/mnist_dit_step000004.png"]
+    assert fig["config"]["trainer"]["max_steps"] == 4 and fig["config"]["init"] is None
+    assert fig["config"]["callbacks"]["ema"]["decay"] == 0.0
     assert {"loss", "mse"} <= set(fig["final_losses"]) and all(v == v for v in fig["final_losses"].values())
     assert (run / "grids" / "mnist_dit_step000002.png").is_file() and (run / fig["files"][1]).is_file()
     ema = load_backbone("mnist_dit", ckpt=str(run / "mnist_dit.pt"), hidden_size=32, depth=1, num_heads=2)
-    raw = torch.load(run / "csv" / "raw_mnist_dit.pt")  # the trained weights themselves (diagnosis copy)
+    raw = torch.load(run / "csv" / "raw_mnist_dit.pt")  # the trained weights at the last validation (step 4)
     start = load_backbone("mnist_dit", random_init=True, hidden_size=32, depth=1, num_heads=2)
-    # ema_decay 0: the EMA is the trained weights; and training moved them from the seeded init
+    # EMA decay 0: the EMA is the trained weights; and training moved them from the seeded init
     assert all(torch.equal(v, raw[k]) for k, v in ema.state_dict().items())
     assert any(not torch.equal(v, start.state_dict()[k]) for k, v in ema.state_dict().items())
 

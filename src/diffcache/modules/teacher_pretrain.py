@@ -3,16 +3,18 @@
 Why: pretrained DiT / U-ViT weights cannot be downloaded here, so the offline demo trains its own small
 teachers. The recipe follows each family's reference: DiT's eps-MSE + variational bound with learned sigma on
 the 1000-step linear schedule; U-ViT's eps-MSE; labels dropped to the null class with ``label_drop`` (0.1) so
-the model also learns the unconditional score for classifier-free guidance; an EMA copy of the weights
-(what is shipped and sampled from, as both references do).
+the model also learns the unconditional score for classifier-free guidance. The EMA of the weights (what is
+shipped and sampled from, as both references do) is Lightning's ``EMAWeightAveraging`` callback
+(``callbacks.ema`` in ``conf/teach.yaml``): it swaps the average into this module for every validation and
+copies it in at the end of training, so this module holds no second copy.
 
-Every validation draws a class-conditional sample grid from the EMA weights with the family's sampler
-(DDIM-20 for DiT, DPM-Solver-2 NFE 20 for U-ViT, CFG on) and exports the EMA state dict as a plain state
-dict with the official key names, which ``backbone.ckpt`` loads strictly.
+Every validation draws a class-conditional sample grid from the weights it holds then (the EMA) with the
+family's sampler (DDIM-20 for DiT, DPM-Solver-2 NFE 20 for U-ViT, CFG on) and exports them as a plain state
+dict with the official key names, which ``backbone.ckpt`` loads strictly; the raw weights are exported once
+the callback has swapped them back (``raw_<name>`` in the log folder, for diagnosis).
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 from pathlib import Path
@@ -43,7 +45,7 @@ def grid_solver(backbone, schedule: str, num_steps: int = 20, time_input: str = 
 
 class TeacherPretrain(L.LightningModule):
     def __init__(self, backbone, schedule: str = "linear", num_train_timesteps: int = 1000, lr: float = 3e-4,
-                 weight_decay: float = 0.0, betas=(0.9, 0.999), warmup_steps: int = 500, ema_decay: float = 0.999,
+                 weight_decay: float = 0.0, betas=(0.9, 0.999), warmup_steps: int = 500,
                  lr_schedule: str = "constant", max_steps: int | None = None,
                  label_drop: float = 0.1, guidance: float | None = None, time_input: str = "scaled",
                  grid_per_class: int = 8, out_dir: str | None = None, export_name: str | None = None,
@@ -56,15 +58,12 @@ class TeacherPretrain(L.LightningModule):
             raise ValueError(f"module.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if lr_schedule == "cosine" and not max_steps:
             raise ValueError("module.lr_schedule=cosine decays over module.max_steps; set it")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"module.ema_decay must lie in [0, 1), got {ema_decay}")
         self.backbone = backbone.train()
-        self.ema = copy.deepcopy(backbone).requires_grad_(False).eval()
         self.diffusion = GaussianDiffusionLoss(schedule, num_train_timesteps, loss_weight, weight_max)
         self.schedule, self.time_input, self.guidance = schedule, time_input, guidance
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.lr_schedule, self.max_steps = lr_schedule, max_steps
-        self.ema_decay, self.label_drop, self.grid_per_class, self.seed = ema_decay, label_drop, grid_per_class, seed
+        self.label_drop, self.grid_per_class, self.seed = label_drop, grid_per_class, seed
         self.out_dir = Path(out_dir) if out_dir else None
         self.grid_dir = Path(grid_dir) if grid_dir else (self.out_dir / "grids" if self.out_dir else None)
         self.export_name = export_name or official_file_name(backbone, getattr(backbone, "arch", "teacher"))
@@ -105,43 +104,41 @@ class TeacherPretrain(L.LightningModule):
         self.last_losses = {k: float(v.detach()) for k, v in out.items()}
         return out["loss"]
 
-    @torch.no_grad()
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        """EMA of every parameter (DiT's ``update_ema``); buffers are copied."""
-        for pe, p in zip(self.ema.parameters(), self.backbone.parameters()):
-            pe.lerp_(p.detach(), 1.0 - self.ema_decay)
-        for be, b in zip(self.ema.buffers(), self.backbone.buffers()):
-            be.copy_(b)
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if batch_idx == 0:
             self.sample_grid()
 
+    def on_validation_epoch_end(self) -> None:
+        """The raw weights, for diagnosis (not shipped): the EMA callback's hook ran first and swapped them back."""
+        if self.out_dir is not None and self._trainer is not None and self.trainer.is_global_zero and self.trainer.log_dir:
+            self.export(Path(self.trainer.log_dir) / f"raw_{self.export_name}")
+
     @torch.no_grad()
     def sample_grid(self) -> torch.Tensor:
-        """A (grid_per_class x 10) grid from the EMA weights, one column per class; saved as PNG + export."""
+        """A (grid_per_class x 10) grid from the weights held now (the EMA in a validation and after training),
+        one column per class; saved as PNG, and those weights exported."""
         from torchvision.utils import save_image
 
         n = self.grid_per_class
         y = torch.arange(10, device=self.device).repeat(n)
         g = torch.Generator().manual_seed(self.seed + 1234)
-        b = self.ema
+        b = self.backbone
         noise = torch.randn((len(y), b.in_channels, b.input_size, b.input_size), generator=g).to(self.device)
-        x = sample(b, grid_solver(b, self.schedule, time_input=self.time_input), None, noise, y, self.guidance)
+        was_training = b.training  # the final grid runs after fit, outside Lightning's eval switch
+        x = sample(b.eval(), grid_solver(b, self.schedule, time_input=self.time_input), None, noise, y, self.guidance)
+        b.train(was_training)
         if self.out_dir is not None and (self._trainer is None or self.trainer.is_global_zero):
             self.grid_dir.mkdir(parents=True, exist_ok=True)
             path = self.grid_dir / f"{Path(self.export_name).stem}_step{self.global_step:06d}.png"
             save_image((x.clamp(-1, 1) + 1) / 2, str(path), nrow=10, padding=1)
             self.grids.append(str(path))
             self.export(self.out_dir / self.export_name)
-            if self._trainer is not None and self.trainer.log_dir:  # the raw weights too, for diagnosis (not shipped)
-                self.export(Path(self.trainer.log_dir) / f"raw_{self.export_name}", self.backbone)
         return x
 
-    def export(self, path: Path, model=None) -> None:
-        """The EMA weights (or ``model``'s) as a plain state dict with the official key names (atomic write)."""
+    def export(self, path: Path) -> None:
+        """The backbone's weights as a plain state dict with the official key names (atomic write)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        sd = (self.ema if model is None else model).state_dict()
+        sd = self.backbone.state_dict()
         torch.save({k: v.detach().cpu().clone() for k, v in sd.items()}, tmp)
         os.replace(tmp, path)

@@ -3,8 +3,9 @@
 Why a task of its own: the offline demo cannot download pretrained DiT / U-ViT weights, so it trains its own
 small teachers, and that recipe must be as reproducible as the router recipes: composed by Hydra (module,
 data and Trainer from config), logged to ``csv/metrics.csv``, with the usual progress lines. The module
-(:class:`~diffcache.modules.teacher_pretrain.TeacherPretrain`) keeps the EMA copy it samples grids from and
-exports; this task adds the final grid and ``figures.json`` (steps, wall time, final losses, the resolved
+(:class:`~diffcache.modules.teacher_pretrain.TeacherPretrain`) samples grids from and exports the weights it
+holds at each validation; the EMA (Lightning's ``EMAWeightAveraging``), the progress line and the CSV logger
+are ``callbacks`` / ``logger`` entries of the config. This task adds the final grid and ``figures.json`` (steps, wall time, final losses, the resolved
 config), which ``scripts/train_teachers.py`` turns into the asset records.
 """
 from __future__ import annotations
@@ -17,12 +18,11 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ..backbones import count_parameters, load_backbone
-from ..callbacks.progress import StepProgress
 from ..modules.teacher_pretrain import official_file_name
+from ..utils.build import build_callbacks, build_loggers
 from ..utils.console import setup_console
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ def teach(cfg: DictConfig) -> dict:
                                      export_name=official_file_name(backbone, arch))
     minutes = cfg.get("max_minutes")
     trainer = instantiate(cfg.trainer, max_time=None if minutes is None else {"minutes": float(minutes)},
-                          logger=CSVLogger(str(out), name="csv", version=""),
-                          callbacks=[StepProgress(total=int(cfg.trainer.max_steps))])
+                          logger=build_loggers(cfg.get("logger")) or False,
+                          callbacks=build_callbacks(cfg.get("callbacks")))
     log.info("training teacher %s from %s: %d steps at most, batch %d", arch, init or "scratch",
              int(cfg.trainer.max_steps), int(cfg.data.batch_size))
     t0 = time.time()
@@ -55,7 +55,8 @@ def teach(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     fig = {"files": [module.export_name, final.relative_to(export).as_posix()], "steps": int(trainer.global_step),
            "train_wall_s": round(time.time() - t0, 1), "final_losses": module.last_losses,
-           "config": {**{k: config[k] for k in ("module", "data", "trainer", "max_minutes", "seed")}, "init": init},
+           "config": {**{k: config.get(k) for k in ("module", "data", "trainer", "callbacks", "max_minutes", "seed")},
+                      "init": init},
            "params": count_parameters(backbone)}
     (out / "figures.json").write_text(json.dumps(fig, indent=2))
     log.info("teacher %s: %d steps, EMA weights %s, grid %s", arch, fig["steps"], export / module.export_name, final)
