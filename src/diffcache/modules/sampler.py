@@ -3,8 +3,9 @@
 Sample ``i`` always uses noise, conditioning and per-step solver noise seeded by ``i`` (:mod:`~diffcache.data.seeded`)
 and shard ``s`` always holds samples ``s * shard_size .. (s+1) * shard_size - 1`` computed as ONE batch, so
 the set (bit for bit) does not depend on the number of ranks or nodes. Each shard is written atomically
-as soon as it is done; a rerun skips the shards already on disk, so a killed evaluation resumes and ends
-with the same set. :func:`gather` reads them back in index order.
+as soon as it is done (:class:`ShardWriter`, Lightning's ``BasePredictionWriter``, which the sampler brings
+along through ``configure_callbacks``); a rerun skips the shards already on disk, so a killed evaluation
+resumes and ends with the same set. :func:`gather` reads them back in index order.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.seeded import seeded_inputs, step_generators
@@ -33,6 +35,23 @@ class _Shards(Dataset):
 
     def __getitem__(self, i: int) -> int:
         return self.shards[i]
+
+
+class ShardWriter(BasePredictionWriter):
+    """Writes each shard's prediction to ``out_dir/shard_*.pt`` as soon as its batch ends (atomic: a killed run
+    never leaves a half-written shard); a shard done earlier predicts None and is left as it is."""
+
+    def __init__(self, out_dir):
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if prediction is None:
+            return
+        path = shard_path(self.out_dir, int(batch))
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(prediction, tmp)
+        os.replace(tmp, path)
 
 
 class ShardedSampler(L.LightningModule):
@@ -65,14 +84,16 @@ class ShardedSampler(L.LightningModule):
     def predict_dataloader(self):
         return DataLoader(_Shards(self.missing() or [0]), batch_size=1, shuffle=False, collate_fn=lambda b: b[0])
 
+    def configure_callbacks(self):
+        return [ShardWriter(self.out_dir)]
+
     def on_predict_start(self) -> None:
         self.backbone.to(self.device)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     @torch.no_grad()
     def predict_step(self, shard: int, batch_idx: int = 0):
-        path = shard_path(self.out_dir, shard)
-        if path.is_file():  # done by an earlier run (or by another rank's padded duplicate)
+        if shard_path(self.out_dir, shard).is_file():  # done by an earlier run (or by another rank's padded duplicate)
             return None
         idx = list(range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_samples)))
         noise, cond = self.inputs(idx, self.device)
@@ -83,10 +104,7 @@ class ShardedSampler(L.LightningModule):
         images = self.decode(x.to(self.device)).cpu() if self.decode is not None else x
         if images.shape[1] in (1, 3):
             blob["images"] = (127.5 * images.clamp(-1, 1) + 128.0).clamp(0, 255).to(torch.uint8)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written shard
-        return None
+        return blob  # ShardWriter saves it
 
 
 def _cpu(cond):
