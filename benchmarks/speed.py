@@ -10,8 +10,9 @@ whole-forward graphs dynamo captures over a run beyond one forward's (tracing on
 L2C: on DiT-XL/2 the released DDIM-20 / DDIM-50 routers (``--routers``); on other DiTs (their router
 length differs) random logits with a compute budget equal to the fraction of branch MACs the released
 router of that step count keeps on its cache evaluations, so the schedule costs what the real one does.
-``search``: a schedule searched on the benchmarked model at the L2C row's MACs (DP, next-state error of a
-few calibration samples; the note gives how many and the search time). The shipped MNIST teachers (``mnist_dit``: DDIM,
+The rows come from the comparison's method records (``diffcache.tasks.methods.METHODS``, see
+:func:`candidates`): ``search`` is a schedule searched on the benchmarked model at the L2C row's MACs (DP,
+next-state error of a few calibration samples; the note gives the search time). The shipped MNIST teachers (``mnist_dit``: DDIM,
 ``mnist_uvit``: DPM-Solver-2) run with their real weights; other archs with random weights.
 """
 from __future__ import annotations
@@ -20,18 +21,18 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from diffcache.backbones import load_backbone
 from diffcache.metrics.cost import policy_cost
 from diffcache.context import StepContext
-from diffcache.policies.fora import FORAPolicy
 from diffcache.policies.l2c import L2CPolicy
-from diffcache.policies.toca import ToCaPolicy
 from diffcache.sampling import sample
-from diffcache.solvers import make_solver
+from diffcache.tasks.methods import Context
+from diffcache.tasks.methods import candidates as method_candidates
 
 from .common import markdown_table, peak_memory, seeded_inputs
 
@@ -65,11 +66,17 @@ def load_model(arch: str):
     return load_backbone(arch, random_init=True)
 
 
-def make_family_solver(model, steps: int):
-    """DDIM for DiTs (the L2C DiT setting), DPM-Solver-2 with ``steps`` NFE for U-ViT (U-ViT's sampler)."""
+def solver_config(model, steps: int) -> dict:
+    """DDIM for DiTs (the L2C DiT setting), DPM-Solver-2 with ``steps`` NFE for U-ViT (U-ViT's sampler); as a
+    config node, so the comparison's "fewer steps" rows instantiate the same solver with other step counts."""
     if model.family == "uvit":
-        return make_solver("dpm_solver2", steps, schedule="linear", prediction="x0", time_input="scaled")
-    return make_solver("ddim", steps, schedule="linear")
+        return {"_target_": "diffcache.solvers.make_solver", "algorithm": "dpm_solver2", "num_steps": steps,
+                "schedule": "linear", "prediction": "x0", "time_input": "scaled"}
+    return {"_target_": "diffcache.solvers.make_solver", "algorithm": "ddim", "num_steps": steps, "schedule": "linear"}
+
+
+def make_family_solver(model, steps: int):
+    return instantiate(solver_config(model, steps))
 
 
 def l2c_policy(arch: str, steps: int, routers: Path | None) -> tuple[L2CPolicy, str]:
@@ -82,43 +89,48 @@ def l2c_policy(arch: str, steps: int, routers: Path | None) -> tuple[L2CPolicy, 
     return L2CPolicy(init_seed=0, budget=budget), "random logits, " + src
 
 
-def searched_policy(model, solver, macs_fraction: float, num_samples: int = 2) -> tuple[Any, str]:
-    """A schedule searched on this model (DP on the next-state error of ``num_samples`` calibration samples) at
-    the L2C row's MAC fraction of the whole sampler; with the search's wall time in the note."""
-    from diffcache.search import ScheduleSearch
-
-    t0 = time.perf_counter()
-    res = ScheduleSearch(budget=min(1.0, macs_fraction), method="dp", proxy="step", num_samples=num_samples,
-                         progress=False, device=str(next(model.parameters()).device)).run(model, solver)
-    return res.policy, f"DP, step proxy, {num_samples} sample(s), budget {macs_fraction:.3f}; searched in {time.perf_counter() - t0:.1f} s"
-
-
-def candidates(arch: str, steps: int, routers: Path | None, model=None, search_samples: int = 2) -> list[dict]:
-    """(name, solver, policy factory, note) for every row; the full sampler first."""
+def candidates(arch: str, steps: int, routers: Path | None, model=None, search_samples: int = 2,
+               guidance: float = 1.5) -> list[dict]:
+    """(policy label, solver, policy factory, note) for every row, from the comparison's method records
+    (:data:`diffcache.tasks.methods.METHODS`, the full sampler first), so a method added there is timed here
+    too. The settings: FORA N=3; ToCa's preset (and N=3 on DiTs); the fewest steps whose MACs reach the L2C
+    row's ("fewer steps"); a DP search at the L2C row's MAC fraction of the whole sampler on the next-state
+    error of ``search_samples`` calibration samples (its time in the note)."""
     model = model if model is not None else load_model(arch)
     solver = make_family_solver(model, steps)
-    l2c, note = l2c_policy(arch, steps, routers)
-    preset = model.toca_preset
-    toca_kw, toca_note = ({"fresh_threshold": 3}, " (N=3, R=93%)") if model.family == "dit" else ({}, "")
-    rows = [dict(policy="full", solver=solver, make=lambda: None, note=f"{solver.name}-{steps}"),
-            dict(policy="l2c", solver=solver, make=lambda: l2c, note=note),
-            dict(policy="toca", solver=solver, make=lambda: ToCaPolicy(preset, **toca_kw), note=f"preset {preset}{toca_note}"),
-            dict(policy="fora", solver=solver, make=lambda: FORAPolicy(interval=3), note="interval 3")]
-    # fewer steps at the compute of the L2C schedule: the baseline any cache must beat (even NFE: DPM-Solver-2)
-    frac = 1 / policy_cost(model, solver, l2c)["speedup_macs"]
-    fewer = max(2, round(steps * frac))
-    fewer += fewer % 2 if model.family == "uvit" else 0
-    rows.append(dict(policy=f"{solver.name}{fewer}", solver=make_family_solver(model, fewer), make=lambda: None,
-                     note=f"{solver.name}-{fewer}: about the MACs of the L2C row"))
-    searched: dict = {}
-
-    def make_search():
-        if not searched:
-            searched["policy"], searched["note"] = searched_policy(model, solver, frac, search_samples)
-        return searched["policy"]
-
-    rows.append(dict(policy="search", solver=solver, make=make_search, note=lambda: searched.get("note", "")))
+    l2c, l2c_note = l2c_policy(arch, steps, routers)
+    frac = 1 / policy_cost(model, solver, l2c, guidance=guidance)["speedup_macs"]
+    cfg = OmegaConf.create({
+        "solver": solver_config(model, steps), "policy": {"theta": float(l2c.theta), "cache_interval": int(l2c.cache_interval)},
+        "compare": {"seed": 0, "num_samples": 0, "guidance": guidance, "steps": [], "fora_intervals": [3],
+                    "toca": True, "toca_variants": [{"fresh_threshold": 3}] if model.family == "dit" else [],
+                    "search": {"budgets": [min(1.0, frac)], "methods": ["dp"], "proxy": "step",
+                               "num_samples": search_samples}}})
+    ctx = Context(cfg, model, solver, router_policy=l2c, guidance=guidance)
+    rows = []
+    for cand in method_candidates(ctx):
+        r = cand.row
+        label = f"{r.solver}{r.nfe}" if r.method == "steps" else r.method
+        note = l2c_note if r.method == "l2c" else r.label
+        if r.method == "steps":
+            note += ": the fewest steps with the L2C row's MACs"
+        make = (lambda c=cand: c.policy) if cand.make is None else _timed(cand, model, note)
+        rows.append(dict(policy=label, solver=cand.solver, make=make, note=make.note if cand.make else note))
     return rows
+
+
+def _timed(cand, model, note: str):
+    """``make()`` for a row built when measured (a search): the policy; its build time goes into the note."""
+    def make():
+        if "policy" not in state:
+            t0 = time.perf_counter()
+            state["policy"], _ = cand.make(model)
+            state["note"] = f"{note}; searched in {time.perf_counter() - t0:.1f} s"
+        return state["policy"]
+
+    state: dict = {}
+    make.note = lambda: state.get("note", note)
+    return make
 
 
 # ============================================================================================ compile

@@ -176,6 +176,22 @@ def test_benchmark_rows_use_evaluate_names(tmp_path):
     assert row["efficiency"] == pytest.approx(row["speedup_latency"] / row["speedup_macs"], rel=5e-3)
 
 
+def test_speed_benchmark_times_every_method_record(monkeypatch):
+    """The speed table's rows come from the comparison's METHODS: a method added there is one more timed row."""
+    from benchmarks import speed
+    from diffcache.policies.fora import FORAPolicy
+    from diffcache.tasks import methods
+
+    labels = [c["policy"] for c in speed.candidates("tiny_dit", 20, None)]
+    assert labels[:2] == ["full", "l2c"] and {"fora", "toca", "search"} <= set(labels)
+    fewer = [c for c in speed.candidates("tiny_dit", 20, None) if c["policy"].startswith("ddim")]
+    assert len(fewer) == 1 and fewer[0]["solver"].num_steps < 20
+    extra = methods.Method("fora5", lambda ctx: [ctx.cached("fora5", "FORA", FORAPolicy(interval=5), N=5)])
+    monkeypatch.setattr(methods, "METHODS", [*methods.METHODS, extra])
+    rows = speed.candidates("tiny_dit", 20, None)
+    assert [c["policy"] for c in rows] == labels + ["fora5"] and rows[-1]["make"]().interval == 5
+
+
 def test_user_errors_catch_input_errors_only(capsys, tmp_path, monkeypatch):
     from hydra.errors import InstantiationException
 

@@ -46,6 +46,7 @@ class Context:
     router: object = None  # the trained router file (None: no trained rows)
     guidance: float | None = None
     variant: dict = field(default_factory=dict)
+    router_policy: object = None  # or a router already in memory (the speed benchmark's random logits at a budget)
 
     @property
     def c(self):
@@ -84,6 +85,9 @@ def full(ctx: Context) -> list[Candidate]:
 
 def trained(ctx: Context) -> list[Candidate]:
     """L2C at its theta, or one row per budget of a budget-conditioned router (``module.objective=budget``)."""
+    if ctx.router_policy is not None:
+        return [Candidate(ctx.row("l2c", "L2C", θ=float(ctx.router_policy.theta)), ctx.solver, ctx.router_policy,
+                          trained=True)]
     if ctx.router is None:
         return []
     theta, sha = float(ctx.cfg.policy.theta), file_sha256(ctx.router)
