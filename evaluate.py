@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 import diffcache  # noqa: F401  (registers the config resolvers before Hydra names the run directory)
+from diffcache.utils.cli import run_main
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -20,4 +21,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # exits 2 when a sweep had failed jobs

@@ -6,7 +6,8 @@ Only errors that describe the *input* are caught: ``ValueError`` (bad settings, 
 class does not take. ``TypeError`` / ``KeyError`` elsewhere are programming bugs and keep their traceback.
 A run that fails leaves its output folder marked: ``FAILED`` holds the error line. In a sweep (``-m``) an
 input error ends only its own job, so the other jobs still run; the sweep table lists the failure and
-the sweep exits with status 2 (:class:`~diffcache.utils.sweep.SweepSummary`).
+the sweep exits with status 2 (:class:`~diffcache.utils.sweep.SweepSummary` records it with
+:func:`exit_later`; the entry point's :func:`run_main` exits with it).
 """
 from __future__ import annotations
 
@@ -18,6 +19,23 @@ from pathlib import Path
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
 _CONFIG_TYPE_ERRORS = ("unexpected keyword argument", "unknown ToCa options", "missing 1 required")
+
+
+_LATER: list[int] = []
+
+
+def exit_later(code: int) -> None:
+    """A Hydra callback's verdict on the whole run (a sweep with failed jobs): the status :func:`run_main`
+    exits with once Hydra has returned, so the exit stays in the entry point."""
+    _LATER.append(int(code))
+
+
+def run_main(main) -> None:
+    """Call an entry point's ``@hydra.main`` function, then exit with the status a callback left, if any."""
+    _LATER.clear()
+    main()
+    if _LATER:
+        sys.exit(max(_LATER))
 
 
 def user_error(e: BaseException) -> BaseException | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from .cli import exit_later
 from .frontier import gather, write_frontier
 
 log = logging.getLogger(__name__)
@@ -75,4 +76,4 @@ class SweepSummary(Callback):
         if failed:
             print(f"error: {len(failed)} of {len(rows)} sweep runs failed ({', '.join(r['run'] for r in failed)}); "
                   f"see {Path(config.hydra.sweep.dir) / 'summary.md'}", file=sys.stderr)
-            sys.exit(2)
+            exit_later(2)
