@@ -1,7 +1,7 @@
 """ToCa (Zou et al., ICLR 2025): token-wise feature caching.
 
-Behaviour follows the technical report ``shared/reference/toca.md`` (the public ToCa code at HEAD
-``e84096f``); this is an independent implementation.
+Behaviour follows the public ToCa code (github.com/Shenyi-Z/ToCa at HEAD ``e84096f``, as the project's ToCa
+write-up describes it); this is an independent implementation.
 
 What a run does
     Every ``(evaluation, layer)`` is either *fresh* or *cached* (:func:`plan`). A fresh layer computes
