@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+from diffcache.utils.record import provenance
 
 from . import cache_dit_mnist, peers, reuse, scaling, speed, train
 from .common import RESULTS, machine, save, track_freed_memory
@@ -93,7 +96,9 @@ def cpu_set(args) -> dict:
     times["scaling"] = time.perf_counter()
     if "scaling" in args.only:
         rows = scaling.run(repeats=args.repeats)
-        png = scaling.plot(rows, args.out / "scaling.png")
+        prov = provenance()
+        png = scaling.plot(rows, args.out / "scaling.png", f"{args.command}; commit {prov['commit']}; {prov['machine']}; "
+                                                           f"load average at start {args.load:.2f}")
         out["scaling"] = rows
         save("scaling", {"rows": rows, "png": png.name}, scaling.table(rows), args.out)
         md += ["## Scaling", scaling.table(rows)]
@@ -163,6 +168,8 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true",
                    help="gpu: the GPU set's code path on a tiny model (any device; the test suite runs it on the CPU)")
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    args.command, args.load = "python -m benchmarks " + " ".join(given or [args.set]), os.getloadavg()[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     track_freed_memory()
@@ -174,8 +181,7 @@ def main(argv=None) -> None:
     res = cpu_set(args) if args.set == "cpu" else gpu_set(args)
     after = machine(dev)
     wall = round(time.perf_counter() - t0, 1)
-    given = sys.argv[1:] if argv is None else list(argv)
-    meta = {"command": "python -m benchmarks " + " ".join(given or [args.set]), "wall_s": wall,
+    meta = {"command": args.command, "wall_s": wall,
             "machine_start": before, "machine_end": after}
     name = "summary" if args.set == "cpu" else "summary_gpu"
     head = (f"Machine: {before['nproc']} cores, {before['cpu']}, torch {before['torch']}, "

@@ -72,7 +72,8 @@ def run(sizes=(8, 16, 32), depths=(4, 8, 12), base_size: int = 16, base_depth: i
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> Path:
+def plot(rows: list[dict], path: Path, caption: str = "") -> Path:
+    """Seconds against tokens and depth; ``caption`` (command, commit, machine) is printed under the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +95,9 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle("DiT-S width, CPU, batch 1 + CFG, DDIM-10 sampling; router-distillation step (batch 2)")
-    fig.tight_layout()
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.06 if caption else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
