@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..modules.convergence import recipe_reach
 from ..policies.base import require_trainable
+from ..utils.cli import Rejected
 from .inputs import check_inputs
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,7 @@ def _run(cfg: DictConfig, run_dir_key: str) -> None:
     except (ValueError, FileNotFoundError, PermissionError) as e:
         if os.environ.get("DIFFCACHE_DEBUG"):
             raise
-        print(f"error: {e}\n(set DIFFCACHE_DEBUG=1 for the full traceback)", file=sys.stderr)
-        sys.exit(2)
+        raise Rejected(str(e)) from e  # the entry point's run_main prints it and exits 2
 
 
 class Preflight(Callback):

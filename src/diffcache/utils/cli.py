@@ -30,10 +30,21 @@ def exit_later(code: int) -> None:
     _LATER.append(int(code))
 
 
+class Rejected(BaseException):
+    """An input the run must not start with, found by the preflight callback before Hydra writes anything into
+    the run folder. A ``BaseException`` so that Hydra's own handler (which catches ``Exception``, prints a
+    trimmed traceback and exits 1) lets it through to :func:`run_main`, which prints it and exits 2."""
+
+
 def run_main(main) -> None:
-    """Call an entry point's ``@hydra.main`` function, then exit with the status a callback left, if any."""
+    """Call an entry point's ``@hydra.main`` function, then exit with the status a callback left, if any: 2 for
+    a :class:`Rejected` input or a sweep with failed jobs."""
     _LATER.clear()
-    main()
+    try:
+        main()
+    except Rejected as e:
+        print(f"error: {e}\n(set DIFFCACHE_DEBUG=1 for the full traceback)", file=sys.stderr)
+        sys.exit(2)
     if _LATER:
         sys.exit(max(_LATER))
 
