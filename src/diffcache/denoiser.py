@@ -1,6 +1,6 @@
 """The denoiser: a backbone seen through a solver's eyes.
 
-It maps evaluation ``k`` to the backbone's time input, splits learned-sigma outputs, converts eps <->
+It maps evaluation ``nfe`` to the backbone's time input, splits learned-sigma outputs, converts eps <->
 x0 with the solver's (alpha, sigma), and applies the backbone's classifier-free-guidance convention
 exactly as the reference code does, read from the backbone class (``cfg_layout``, ``guide``):
 
@@ -28,7 +28,7 @@ from .solvers.base import ModelOutput, Solver
 
 
 class Denoiser:
-    """``den(x, k, solver, cond) -> ModelOutput`` for evaluation ``k`` of ``solver``."""
+    """``den(x, nfe, solver, cond) -> ModelOutput`` for evaluation ``nfe`` of ``solver``."""
 
     def __init__(self, backbone, guidance: float | None = None, uncond=None):
         self.backbone = backbone
@@ -39,10 +39,10 @@ class Denoiser:
     def _uncond(self, cond):
         return self.uncond if self.uncond is not None else self.backbone.null_cond(cond)
 
-    def context(self, x: torch.Tensor, k: int, solver: Solver) -> tuple[torch.Tensor, StepContext]:
-        """The backbone time input (B,) and the step context of evaluation ``k``."""
-        t = torch.full((x.shape[0],), float(solver.model_times()[k]), dtype=x.dtype, device=x.device)
-        ctx = StepContext(nfe=k, step=solver.step_of(k), num_steps=solver.num_steps, num_evals=solver.num_evals)
+    def context(self, x: torch.Tensor, nfe: int, solver: Solver) -> tuple[torch.Tensor, StepContext]:
+        """The backbone time input (B,) and the step context of evaluation ``nfe``."""
+        t = torch.full((x.shape[0],), float(solver.model_times()[nfe]), dtype=x.dtype, device=x.device)
+        ctx = StepContext(nfe=nfe, step=solver.step_of(nfe), num_steps=solver.num_steps, num_evals=solver.num_evals)
         return t, ctx
 
     def _run(self, x, t, cond, ctx: StepContext):
@@ -55,16 +55,16 @@ class Denoiser:
         dtype = getattr(self.backbone, "dtype", x.dtype)
         return self.backbone(x.to(dtype), t, cond).to(x.dtype)
 
-    def raw(self, x: torch.Tensor, k: int, solver: Solver, cond) -> torch.Tensor:
-        """The backbone's native output at evaluation ``k`` without guidance (router distillation)."""
-        t, ctx = self.context(x, k, solver)
+    def raw(self, x: torch.Tensor, nfe: int, solver: Solver, cond) -> torch.Tensor:
+        """The backbone's native output at evaluation ``nfe`` without guidance (router distillation)."""
+        t, ctx = self.context(x, nfe, solver)
         return self._run(x, t, cond, ctx)
 
-    def __call__(self, x: torch.Tensor, k: int, solver: Solver, cond) -> ModelOutput:
+    def __call__(self, x: torch.Tensor, nfe: int, solver: Solver, cond) -> ModelOutput:
         B = x.shape[0]
         bb = self.backbone
         C = bb.in_channels
-        t, ctx = self.context(x, k, solver)
+        t, ctx = self.context(x, nfe, solver)
         if not self.cfg:
             raw = self._run(x, t, cond, ctx)
             eps = raw[:, :C]
@@ -82,7 +82,7 @@ class Denoiser:
                 c, u = (raw[:B], raw[B:]) if cond_first else (raw[B:], raw[:B])
             eps = bb.guide(c, u, self.guidance)
             var = c[:, C:] if c.shape[1] > C else None
-        alpha, sigma = solver.alpha_sigma(k)
+        alpha, sigma = solver.alpha_sigma(nfe)
         x0 = (x - sigma * eps) / alpha
         if bb.clip_denoised:  # ADM's clip_denoised: x0 into the data range, eps re-derived to match it
             x0 = x0.clamp(-1.0, 1.0)

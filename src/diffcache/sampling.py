@@ -1,6 +1,6 @@
 """``sample()``: the one sampling loop behind training, evaluation, benchmarks and tests.
 
-:func:`advance` is the loop itself (evaluations ``state.k .. stop-1``); ``sample()`` binds the policy
+:func:`advance` is the loop itself (evaluations ``state.nfe .. stop-1``); ``sample()`` binds the policy
 for the run and advances from noise to the end, and router distillation advances its no-grad prefix
 through the same function.
 """
@@ -16,11 +16,11 @@ from .solvers.base import Solver, SolverState
 
 def advance(den: Denoiser, solver: Solver, state: SolverState, cond, stop: int | None = None, *,
             generator=None, progress: bool = False, desc: str | None = None) -> SolverState:
-    """Run evaluations ``state.k`` .. ``stop - 1`` (default: to the end) and return the new state."""
+    """Run evaluations ``state.nfe`` .. ``stop - 1`` (default: to the end) and return the new state."""
     stop = solver.num_evals if stop is None else int(stop)
-    for k in tqdm(range(state.k, stop), desc=desc or solver.name, disable=not progress, leave=False):
-        out = den(solver.model_input(state, k), k, solver, cond)
-        state = solver.update(state, out, k, generator=generator)
+    for nfe in tqdm(range(state.nfe, stop), desc=desc or solver.name, disable=not progress, leave=False):
+        out = den(solver.model_input(state, nfe), nfe, solver, cond)
+        state = solver.update(state, out, nfe, generator=generator)
     return state
 
 

@@ -49,20 +49,20 @@ def trajectory_terms(den, solver, policy, state, cond, cache_evals, reduction: s
     inference rule) advances the trajectory, so later steps see the errors earlier caching causes.
     """
     terms, wanted = {}, set(cache_evals)
-    for k in range(state.k, solver.num_evals):
-        x = solver.model_input(state, k)
-        if k in wanted:
+    for nfe in range(state.nfe, solver.num_evals):
+        x = solver.model_input(state, nfe)
+        if nfe in wanted:
             with torch.no_grad(), policy.disabled():
-                teacher = den.raw(x, k, solver, cond)
-            student = den.raw(x, k, solver, cond)
-            terms[k] = (step_mse(student, teacher, reduction), policy.sum_beta(k))
+                teacher = den.raw(x, nfe, solver, cond)
+            student = den.raw(x, nfe, solver, cond)
+            terms[nfe] = (step_mse(student, teacher, reduction), policy.sum_beta(nfe))
             with torch.no_grad(), policy.inference():
-                out = den(x, k, solver, cond)
+                out = den(x, nfe, solver, cond)
         else:
             with torch.no_grad(), policy.recording():
-                out = den(x, k, solver, cond)
+                out = den(x, nfe, solver, cond)
         with torch.no_grad():
-            state = solver.update(state, out, k, generator=generator)
+            state = solver.update(state, out, nfe, generator=generator)
     return terms
 
 
@@ -81,18 +81,18 @@ def cached_step_scales(den, solver, policy, cache_evals, reduction: str, num_sam
         with policy.bound(backbone, solver):
             policy.reset()
             state = solver.init(noise)
-            for k in range(solver.num_evals):
-                x = solver.model_input(state, k)
-                if k in wanted:
+            for nfe in range(solver.num_evals):
+                x = solver.model_input(state, nfe)
+                if nfe in wanted:
                     with policy.disabled():
-                        out = den(x, k, solver, cond)
+                        out = den(x, nfe, solver, cond)
                     with policy.soft_threshold(1e30):
-                        cached = den.raw(x, k, solver, cond)
-                    scales[k] = float(step_mse(cached, out.raw, reduction).mean())
+                        cached = den.raw(x, nfe, solver, cond)
+                    scales[nfe] = float(step_mse(cached, out.raw, reduction).mean())
                 else:
                     with policy.recording():
-                        out = den(x, k, solver, cond)
-                state = solver.update(state, out, k, generator=g)
+                        out = den(x, nfe, solver, cond)
+                state = solver.update(state, out, nfe, generator=g)
     finally:
         policy.train(was_training)
     return {m: (v if v > 0 else 1.0) for m, v in scales.items()}

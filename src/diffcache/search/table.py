@@ -86,19 +86,19 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def teacher_states(backbone, solver, noise, cond, guidance=None, uncond=None) -> list:
-    """The uncached trajectory: ``states[k]`` is the solver state before evaluation ``k`` (``states[-1]`` the end)."""
+    """The uncached trajectory: ``states[nfe]`` is the solver state before evaluation ``nfe`` (``states[-1]`` the end)."""
     den = Denoiser(backbone, guidance, uncond=uncond)
     states = [solver.init(noise)]
-    for k in range(solver.num_evals):
-        states.append(advance(den, solver, states[-1], cond, stop=k + 1))
+    for nfe in range(solver.num_evals):
+        states.append(advance(den, solver, states[-1], cond, stop=nfe + 1))
     return states
 
 
-def entry_cost(sched: L2CSchedule, e: int, proxy: str) -> int:
-    """Model evaluations one table entry of cache evaluation ``e`` runs (the progress bar's unit: entries of
+def entry_cost(sched: L2CSchedule, nfe: int, proxy: str) -> int:
+    """Model evaluations one table entry of cache evaluation ``nfe`` runs (the progress bar's unit: entries of
     early rows cost up to ``N`` evaluations with the final proxy, late ones a few)."""
-    src = sched.source[e]
-    return (e + 1 - src) if proxy == "step" else (sched.num_evals - src)
+    src = sched.source[nfe]
+    return (nfe + 1 - src) if proxy == "step" else (sched.num_evals - src)
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """The solver contract: configuration plus *functional* state.
 
-``state = solver.init(x)``; for each model evaluation ``k`` in ``range(solver.num_evals)``:
-``x_k = solver.model_input(state, k)``, the denoiser evaluates the model there, and
-``state = solver.update(state, out, k)``. History lives in the state object, so one solver instance
+``state = solver.init(x)``; for each model evaluation ``nfe`` in ``range(solver.num_evals)``:
+``x = solver.model_input(state, nfe)``, the denoiser evaluates the model there, and
+``state = solver.update(state, out, nfe)``. History lives in the state object, so one solver instance
 runs a teacher and a student trajectory side by side.
 """
 from __future__ import annotations
@@ -33,16 +33,16 @@ class SolverState:
     """Base state: the current sample plus solver-specific history in ``extra``."""
 
     x: torch.Tensor
-    k: int = 0
+    nfe: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def check_eval(solver: "Solver", state: SolverState, k: int) -> None:
-    """Evaluations must be fed in order: ``k`` is the state's next evaluation."""
-    if not 0 <= k < solver.num_evals:
-        raise IndexError(f"evaluation {k} out of range for {solver.name} with {solver.num_evals} evaluations")
-    if state.k != k:
-        raise ValueError(f"{solver.name}: state expects evaluation {state.k}, got k={k} (updates must be in order)")
+def check_eval(solver: "Solver", state: SolverState, nfe: int) -> None:
+    """Evaluations must be fed in order: ``nfe`` is the state's next evaluation."""
+    if not 0 <= nfe < solver.num_evals:
+        raise IndexError(f"evaluation {nfe} out of range for {solver.name} with {solver.num_evals} evaluations")
+    if state.nfe != nfe:
+        raise ValueError(f"{solver.name}: state expects evaluation {state.nfe}, got nfe={nfe} (updates must be in order)")
 
 
 class Solver:
@@ -59,16 +59,16 @@ class Solver:
         """Backbone time input per evaluation (float64, shape [num_evals])."""
         raise NotImplementedError
 
-    def step_of(self, k: int) -> int:
-        """Solver step (0 = noisiest) that evaluation ``k`` belongs to."""
+    def step_of(self, nfe: int) -> int:
+        """Solver step (0 = noisiest) that evaluation ``nfe`` belongs to."""
         raise NotImplementedError
 
     def step_start(self, step: int) -> int:
         """First evaluation index of ``step``."""
         raise NotImplementedError
 
-    def alpha_sigma(self, k: int) -> tuple[float, float]:
-        """(alpha, sigma) of the marginal q(x_t | x_0) at evaluation ``k``: x_t = alpha x_0 + sigma eps."""
+    def alpha_sigma(self, nfe: int) -> tuple[float, float]:
+        """(alpha, sigma) of the marginal q(x_t | x_0) at evaluation ``nfe``: x_t = alpha x_0 + sigma eps."""
         raise NotImplementedError
 
     def init(self, x: torch.Tensor, start: int = 0) -> SolverState:
@@ -77,13 +77,13 @@ class Solver:
             raise IndexError(f"{self.name}: start {start} out of range [0, {self.num_evals})")
         if self.step_start(self.step_of(start)) != start:
             raise ValueError(f"{self.name}: start {start} is not the first evaluation of a solver step")
-        return SolverState(x=x, k=int(start), extra={})
+        return SolverState(x=x, nfe=int(start), extra={})
 
-    def model_input(self, state: SolverState, k: int) -> torch.Tensor:
-        check_eval(self, state, k)
+    def model_input(self, state: SolverState, nfe: int) -> torch.Tensor:
+        check_eval(self, state, nfe)
         return state.x
 
-    def update(self, state: SolverState, out: ModelOutput, k: int, generator: torch.Generator | None = None) -> SolverState:
+    def update(self, state: SolverState, out: ModelOutput, nfe: int, generator: torch.Generator | None = None) -> SolverState:
         raise NotImplementedError
 
     def final(self, state: SolverState) -> torch.Tensor:

@@ -34,8 +34,8 @@ class RespacedSchedule:
 
 
 class _RespacedSolver(Solver):
-    """Shared bookkeeping for one-evaluation-per-step samplers on a respaced chain: evaluation k runs at respaced
-    index ``num_steps - 1 - k``."""
+    """Shared bookkeeping for one-evaluation-per-step samplers on a respaced chain: evaluation nfe runs at respaced
+    index ``num_steps - 1 - nfe``."""
 
     def _setup(self, num_steps, schedule, spacing, num_train_timesteps):
         self.sched = RespacedSchedule(num_steps, schedule, spacing, num_train_timesteps, self.name)
@@ -49,20 +49,20 @@ class _RespacedSolver(Solver):
     def num_evals(self) -> int:
         return self.num_steps
 
-    def _index(self, k: int) -> int:
-        return self.num_steps - 1 - k
+    def _index(self, nfe: int) -> int:
+        return self.num_steps - 1 - nfe
 
     def model_times(self) -> torch.Tensor:
         return torch.tensor(self.timesteps, dtype=torch.float64)
 
-    def step_of(self, k: int) -> int:
-        return int(k)
+    def step_of(self, nfe: int) -> int:
+        return int(nfe)
 
     def step_start(self, step: int) -> int:
         return int(step)
 
-    def alpha_sigma(self, k: int) -> tuple[float, float]:
-        a = float(self.sched.alphas_cumprod[self._index(k)])
+    def alpha_sigma(self, nfe: int) -> tuple[float, float]:
+        a = float(self.sched.alphas_cumprod[self._index(nfe)])
         return math.sqrt(a), math.sqrt(1.0 - a)
 
 
@@ -76,9 +76,9 @@ class DDIM(_RespacedSolver):
         self._setup(num_steps, schedule, spacing, num_train_timesteps)
         self.eta = float(eta)
 
-    def update(self, state: SolverState, out: ModelOutput, k: int, generator: torch.Generator | None = None) -> SolverState:
-        check_eval(self, state, k)
-        i = self._index(k)
+    def update(self, state: SolverState, out: ModelOutput, nfe: int, generator: torch.Generator | None = None) -> SolverState:
+        check_eval(self, state, nfe)
+        i = self._index(nfe)
         a, a_prev = float(self.sched.alphas_cumprod[i]), float(self.sched.alphas_cumprod_prev[i])
         x, x0 = state.x, out.x0
         # ADM re-derives eps from x0 (identical without clipping; keeps the update consistent with x0)
@@ -87,4 +87,4 @@ class DDIM(_RespacedSolver):
         x_new = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma ** 2, 0.0)) * eps
         if sigma > 0 and i > 0:
             x_new = x_new + sigma * randn_like(x, generator)
-        return SolverState(x=x_new, k=k + 1, extra={})
+        return SolverState(x=x_new, nfe=nfe + 1, extra={})

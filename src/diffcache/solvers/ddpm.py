@@ -28,12 +28,12 @@ class DDPM(_RespacedSolver):
         self.posterior_mean_coef1 = betas * np.sqrt(abar_prev) / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)
 
-    def update(self, state: SolverState, out: ModelOutput, k: int, generator: torch.Generator | None = None) -> SolverState:
-        check_eval(self, state, k)
-        i = self._index(k)
+    def update(self, state: SolverState, out: ModelOutput, nfe: int, generator: torch.Generator | None = None) -> SolverState:
+        check_eval(self, state, nfe)
+        i = self._index(nfe)
         mean = float(self.posterior_mean_coef1[i]) * out.x0 + float(self.posterior_mean_coef2[i]) * state.x
         if i == 0:  # the last step returns the posterior mean
-            return SolverState(x=mean, k=k + 1, extra={})
+            return SolverState(x=mean, nfe=nfe + 1, extra={})
         min_log = float(self.posterior_log_variance_clipped[i])
         if out.var_values is None:
             log_var = torch.full_like(mean, min_log)
@@ -41,4 +41,4 @@ class DDPM(_RespacedSolver):
             frac = (out.var_values.to(mean.dtype) + 1.0) / 2.0
             log_var = frac * float(self.log_betas[i]) + (1.0 - frac) * min_log
         x_new = mean + torch.exp(0.5 * log_var) * randn_like(mean, generator)
-        return SolverState(x=x_new, k=k + 1, extra={})
+        return SolverState(x=x_new, nfe=nfe + 1, extra={})

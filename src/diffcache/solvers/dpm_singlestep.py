@@ -30,7 +30,7 @@ from .dpm_solver import (MIDPOINTS, PREDICTIONS, _VPSolver, get_time_steps, inne
 class _SinglestepVP(_VPSolver):
     """Bookkeeping and updates for a list of per-step orders; subclasses choose the orders and the grid.
 
-    Evaluation k belongs to step ``step_of(k)``; within a step, ``state.x`` is the next inner sample and ``extra``
+    Evaluation nfe belongs to step ``step_of(nfe)``; within a step, ``state.x`` is the next inner sample and ``extra``
     holds the step-start sample and the model outputs so far (so teacher and student trajectories stay apart).
     """
 
@@ -61,18 +61,18 @@ class _SinglestepVP(_VPSolver):
         self._set_eval_times(ev)
         self.timesteps = [self._backbone_time(t) for t in self.times[:-1]]  # backbone time at each step start
 
-    def step_of(self, k: int) -> int:
-        if not 0 <= k < self.num_evals:
-            raise IndexError(f"evaluation {k} out of range for {self.name} with {self.num_evals} evaluations")
-        return bisect.bisect_right(self._starts, int(k)) - 1
+    def step_of(self, nfe: int) -> int:
+        if not 0 <= nfe < self.num_evals:
+            raise IndexError(f"evaluation {nfe} out of range for {self.name} with {self.num_evals} evaluations")
+        return bisect.bisect_right(self._starts, int(nfe)) - 1
 
     def step_start(self, step: int) -> int:
         return int(self._starts[int(step)])
 
-    def update(self, state: SolverState, out: ModelOutput, k: int, generator: torch.Generator | None = None) -> SolverState:
-        check_eval(self, state, k)
-        i = self.step_of(k)
-        j, p = k - self._starts[i], self.orders[i]
+    def update(self, state: SolverState, out: ModelOutput, nfe: int, generator: torch.Generator | None = None) -> SolverState:
+        check_eval(self, state, nfe)
+        i = self.step_of(nfe)
+        j, p = nfe - self._starts[i], self.orders[i]
         model = out.x0 if self.prediction == "x0" else out.eps
         x = state.x if j == 0 else state.extra["x_start"]
         m = ([] if j == 0 else state.extra["models"]) + [model]
@@ -89,14 +89,14 @@ class _SinglestepVP(_VPSolver):
         def scale(la_u, a_u, s_u):  # (c_u, b_u) of the docstring
             return (s_u / s_s, a_u) if self.prediction == "x0" else (math.exp(la_u - la_s), s_u)
 
-        if j + 1 < p:  # to the next inner point, evaluation k + 1
-            c, b = scale(float(self._la[k + 1]), float(self._alpha[k + 1]), float(self._sigma[k + 1]))
+        if j + 1 < p:  # to the next inner point, evaluation nfe + 1
+            c, b = scale(float(self._la[nfe + 1]), float(self._alpha[nfe + 1]), float(self._sigma[nfe + 1]))
             r = self.ratios[i]
             if j == 0:
                 x_new = c * x - (b * phi(r[0])) * m[0]
             else:
                 x_new = c * x - (b * phi(r[1])) * m[0] - (b * (r[1] / r[0]) * chi(r[1])) * (m[1] - m[0])
-            return SolverState(x=x_new, k=k + 1, extra={"x_start": x, "models": m})
+            return SolverState(x=x_new, nfe=nfe + 1, extra={"x_start": x, "models": m})
         la_t, a_t, s_t, _ = self._coeffs(self.times[i + 1])
         c, b = scale(la_t, a_t, s_t)
         x_new = c * x - (b * phi(1.0)) * m[0]
@@ -104,7 +104,7 @@ class _SinglestepVP(_VPSolver):
             x_new = x_new - (b * phi(1.0) * 0.5 / self.ratios[i][0]) * (m[1] - m[0])
         elif p == 3:
             x_new = x_new - (b * chi(1.0) / self.ratios[i][1]) * (m[2] - m[0])
-        return SolverState(x=x_new, k=k + 1, extra={})
+        return SolverState(x=x_new, nfe=nfe + 1, extra={})
 
 
 class DPMSolver3(_SinglestepVP):

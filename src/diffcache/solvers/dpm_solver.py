@@ -114,8 +114,8 @@ class _VPSolver(Solver):
     def model_times(self) -> torch.Tensor:
         return torch.tensor([self._backbone_time(t) for t in self.eval_t], dtype=torch.float64)
 
-    def alpha_sigma(self, k: int) -> tuple[float, float]:
-        return float(self._alpha[k]), float(self._sigma[k])
+    def alpha_sigma(self, nfe: int) -> tuple[float, float]:
+        return float(self._alpha[nfe]), float(self._sigma[nfe])
 
 
 class DPMSolver2(_VPSolver):
@@ -165,28 +165,28 @@ class DPMSolver2(_VPSolver):
         self._set_eval_times(ev)
         self.timesteps = [self._backbone_time(t) for t in self.times[:-1]]  # backbone time at each step start
 
-    def step_of(self, k: int) -> int:
-        return int(k) // 2
+    def step_of(self, nfe: int) -> int:
+        return int(nfe) // 2
 
     def step_start(self, step: int) -> int:
         return 2 * int(step)
 
-    def update(self, state: SolverState, out: ModelOutput, k: int, generator: torch.Generator | None = None) -> SolverState:
-        check_eval(self, state, k)
-        i = k // 2
+    def update(self, state: SolverState, out: ModelOutput, nfe: int, generator: torch.Generator | None = None) -> SolverState:
+        check_eval(self, state, nfe)
+        i = nfe // 2
         la_t, a_t, s_t, lam_t = self._coeffs(self.times[i])
         la_n, a_n, s_n, lam_n = self._coeffs(self.times[i + 1])
         h = lam_n - lam_t
         r1 = float(self.r1s[i])
         model = out.x0 if self.prediction == "x0" else out.eps
-        if k % 2 == 0:  # step start -> midpoint (first-order update over r1*h)
-            la_s, a_s, s_s = float(self._la[k + 1]), float(self._alpha[k + 1]), float(self._sigma[k + 1])
+        if nfe % 2 == 0:  # step start -> midpoint (first-order update over r1*h)
+            la_s, a_s, s_s = float(self._la[nfe + 1]), float(self._alpha[nfe + 1]), float(self._sigma[nfe + 1])
             x = state.x
             if self.prediction == "x0":
                 x_mid = (s_s / s_t) * x - (a_s * math.expm1(-r1 * h)) * model
             else:
                 x_mid = math.exp(la_s - la_t) * x - (s_s * math.expm1(r1 * h)) * model
-            return SolverState(x=x_mid, k=k + 1, extra={"x_start": x, "model_start": model})
+            return SolverState(x=x_mid, nfe=nfe + 1, extra={"x_start": x, "model_start": model})
         x, m0 = state.extra["x_start"], state.extra["model_start"]
         if self.prediction == "x0":
             phi = math.expm1(-h)
@@ -194,7 +194,7 @@ class DPMSolver2(_VPSolver):
         else:
             phi = math.expm1(h)
             x_new = math.exp(la_n - la_t) * x - (s_n * phi) * m0 - (0.5 / r1) * (s_n * phi) * (model - m0)
-        return SolverState(x=x_new, k=k + 1, extra={})
+        return SolverState(x=x_new, nfe=nfe + 1, extra={})
 
 
 class DPMSolverPP2M(_VPSolver):
@@ -221,29 +221,29 @@ class DPMSolverPP2M(_VPSolver):
         self._set_eval_times(self.times[:-1])
         self.timesteps = [self._backbone_time(t) for t in self.times[:-1]]
 
-    def step_of(self, k: int) -> int:
-        return int(k)
+    def step_of(self, nfe: int) -> int:
+        return int(nfe)
 
     def step_start(self, step: int) -> int:
         return int(step)
 
-    def order_of(self, k: int, has_history: bool) -> int:
+    def order_of(self, nfe: int, has_history: bool) -> int:
         if not has_history:
             return 1
-        if self.lower_order_final and self.num_steps < 10 and k == self.num_steps - 1:
+        if self.lower_order_final and self.num_steps < 10 and nfe == self.num_steps - 1:
             return 1
         return 2
 
-    def update(self, state: SolverState, out: ModelOutput, k: int, generator: torch.Generator | None = None) -> SolverState:
-        check_eval(self, state, k)
-        _, a_s, s_s, lam_s = self._coeffs(self.times[k])
-        _, a_n, s_n, lam_n = self._coeffs(self.times[k + 1])
+    def update(self, state: SolverState, out: ModelOutput, nfe: int, generator: torch.Generator | None = None) -> SolverState:
+        check_eval(self, state, nfe)
+        _, a_s, s_s, lam_s = self._coeffs(self.times[nfe])
+        _, a_n, s_n, lam_n = self._coeffs(self.times[nfe + 1])
         h = lam_n - lam_s
         phi = math.expm1(-h)
         m0 = out.x0
         x_new = (s_n / s_s) * state.x - (a_n * phi) * m0
-        if self.order_of(k, "prev_x0" in state.extra) == 2:
+        if self.order_of(nfe, "prev_x0" in state.extra) == 2:
             r0 = (lam_s - state.extra["prev_lambda"]) / h
             d1 = (1.0 / r0) * (m0 - state.extra["prev_x0"])
             x_new = x_new - 0.5 * (a_n * phi) * d1
-        return SolverState(x=x_new, k=k + 1, extra={"prev_x0": m0, "prev_lambda": lam_s})
+        return SolverState(x=x_new, nfe=nfe + 1, extra={"prev_x0": m0, "prev_lambda": lam_s})

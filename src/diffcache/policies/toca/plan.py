@@ -116,39 +116,39 @@ class ToCaSchedule:
     intervals: tuple[int, ...]
     ratios: Mapping[tuple[int, int, str], float] = field(default_factory=dict)
 
-    def ref_index(self, e: int) -> int:
-        """The reference's loop index of evaluation ``e`` (DiT counts down, PixArt up)."""
-        return self.num_evals - 1 - e if self.params.direction == "down" else e
+    def ref_index(self, nfe: int) -> int:
+        """The reference's loop index of evaluation ``nfe`` (DiT counts down, PixArt up)."""
+        return self.num_evals - 1 - nfe if self.params.direction == "down" else nfe
 
-    def is_full(self, e: int, layer: int) -> bool:
-        return self.full[e][layer]
+    def is_full(self, nfe: int, layer: int) -> bool:
+        return self.full[nfe][layer]
 
     def fully_refreshed(self) -> list[int]:
         """Evaluations (0-based nfe) where every layer is fresh."""
-        return [e for e in range(self.num_evals) if all(self.full[e])]
+        return [nfe for nfe in range(self.num_evals) if all(self.full[nfe])]
 
     def layer0_only(self) -> list[int]:
         """Evaluations where layer 0 is fresh but some other layer is not (the legacy quirk)."""
-        return [e for e in range(self.num_evals) if self.full[e][0] and not all(self.full[e])]
+        return [nfe for nfe in range(self.num_evals) if self.full[nfe][0] and not all(self.full[nfe])]
 
     def fully_refreshed_ref(self) -> set[int]:
         """:meth:`fully_refreshed` in the reference's step index."""
-        return {self.ref_index(e) for e in self.fully_refreshed()}
+        return {self.ref_index(nfe) for nfe in self.fully_refreshed()}
 
     def layer0_only_ref(self) -> set[int]:
-        return {self.ref_index(e) for e in self.layer0_only()}
+        return {self.ref_index(nfe) for nfe in self.layer0_only()}
 
-    def k(self, e: int, layer: int, kind: str) -> int:
+    def k(self, nfe: int, layer: int, kind: str) -> int:
         """Image tokens computed by branch ``kind`` (all of them on a fresh layer)."""
-        if self.full[e][layer]:
+        if self.full[nfe][layer]:
             return self.num_tokens
-        return int(self.tokens.get((e, layer, kind), 0))
+        return int(self.tokens.get((nfe, layer, kind), 0))
 
-    def fraction(self, e: int, layer: int, kind: str, num_prefix_tokens: int = 0) -> float:
+    def fraction(self, nfe: int, layer: int, kind: str, num_prefix_tokens: int = 0) -> float:
         """Fraction of *all* tokens (prefix included; prefix tokens of partial branches always computed)."""
-        if self.full[e][layer]:
+        if self.full[nfe][layer]:
             return 1.0
-        k = self.k(e, layer, kind)
+        k = self.k(nfe, layer, kind)
         if kind not in self.params.partial_kinds:
             return 0.0
         return (k + num_prefix_tokens) / (self.num_tokens + num_prefix_tokens)
