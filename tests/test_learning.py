@@ -60,7 +60,7 @@ def test_a_recipe_too_short_to_move_a_logit_past_theta_does_not_learn_and_is_ref
         assert stop["stopped_by"] == "updates" and stop["updates_per_router_min"] == 20
         assert any(mask != model.planted_compute() for mask in masks.values()), seed
     problem, stated = recipe_reach(cfg)
-    assert stated and problem and "cannot travel the 5.20" in problem
+    assert stated and problem and "cannot travel the 5.20 the N(0, 1) initial logits need" in problem
     from diffcache.tasks.preflight import check_recipe_reach
 
     with pytest.raises(ValueError, match="Raise module.updates_per_router"):
@@ -70,6 +70,21 @@ def test_a_recipe_too_short_to_move_a_logit_past_theta_does_not_learn_and_is_ref
     # the paper's DDIM-20 router: lr 1e-3 x 11.4k updates = 11.4 >= 5.2
     assert reach_message(1e-3, 20000 * updates_per_iteration("batch", 10, 8, devices=8), 0.1) is None
     assert recipe_reach(compose_cfg("train", ["experiment=l2c_dit_ddim20"], tmp_path)) == (None, True)
+
+
+def test_reach_check_measures_the_final_sample_objective_from_its_own_init(tmp_path):
+    """The final-sample objective cuts at its budget, so the distance a logit needs is to that cut: from the
+    searched init's +-margin (1: 2 units), not from N(0, 1)'s 3 sigma to logit(theta) (5.2). lr 1e-2 x 400
+    updates (4 units) was refused by the theta rule; it reaches the cut; lr 1e-3 x 400 (0.4) does not."""
+    traj = ["experiment=mnist_dit", "module.objective=trajectory", "module.trajectory.init=search", "data=noise",
+            "module.updates_per_router=400"]
+    assert recipe_reach(compose_cfg("train", traj + ["module.optimizer.lr=1e-2"], tmp_path)) == (None, True)
+    problem, stated = recipe_reach(compose_cfg("train", traj + ["module.optimizer.lr=1e-3"], tmp_path))
+    assert stated and "cannot travel the 2.00 across the searched init's +-1" in problem and "at least 2000" in problem
+    problem, _ = recipe_reach(compose_cfg("train", traj[:2] + ["module.trajectory.init=random", "data=noise",
+                                                               "module.updates_per_router=400",
+                                                               "module.optimizer.lr=1e-2"], tmp_path))
+    assert "cannot travel the 6.00 across the N(0, 1) initial logits' +-3 sigma" in problem
 
 
 def test_stratified_draw_gives_every_cache_step_its_share():

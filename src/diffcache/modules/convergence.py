@@ -48,16 +48,31 @@ def updates_per_iteration(draw: str, num_cache: int, batch_size: int, devices: i
     return 1.0 - (1.0 - hit) ** max(int(devices), 1)
 
 
-def reach_message(lr: float, updates: float, theta: float) -> str | None:
-    """Why ``lr x updates`` cannot decide the routers (None when it can)."""
-    need = logit_distance(theta)
-    if float(lr) * float(updates) >= need:
+def reach_need(module, theta: float) -> tuple[float, str]:
+    """(how far a logit may need to travel, that path in words) for the module's objective and init: a
+    router routed at theta starts N(0, 1) (3 sigma to logit(theta)); the final-sample objective cuts at its
+    budget (top-k), so a decision flips when a logit crosses the cut: across the searched init's +-margin,
+    or across the N(0, 1) init's +-3 sigma."""
+    traj = module.get("trajectory") or {}
+    if module.get("objective") == "trajectory" and traj.get("init") == "search":
+        margin = float(traj.get("margin", 1.0))
+        return 2 * margin, f"across the searched init's +-{margin:g} to the budget's cut"
+    if module.get("objective") == "trajectory" and traj.get("constraint", "topk") == "topk":
+        return 2 * INIT_REACH, "across the N(0, 1) initial logits' +-3 sigma to the budget's cut"
+    return logit_distance(theta), f"the N(0, 1) initial logits need from their 3 sigma to theta (logit({theta:g}))"
+
+
+def reach_message(lr: float, updates: float, theta: float, need: tuple[float, str] | None = None) -> str | None:
+    """Why ``lr x updates`` cannot decide the routers (None when it can); ``need``: :func:`reach_need`'s
+    (distance, words), by default the theta-routed L2C's."""
+    dist, path = need or (logit_distance(theta), f"the N(0, 1) initial logits need from their 3 sigma to theta "
+                                                 f"(logit({theta:g}))")
+    if float(lr) * float(updates) >= dist:
         return None
     return (f"lr {lr:g} x {updates:.0f} updates per router = {lr * updates:.3g}: Adam moves a logit ~lr per update, "
-            f"so the N(0, 1) initial logits cannot travel the {need:.2f} from their 3 sigma to theta "
-            f"(logit({theta:g})) and the mask stays the init's. Raise module.updates_per_router (or "
-            f"trainer.max_steps) or module.optimizer.lr to at least {need / float(lr):.0f} updates / "
-            f"lr {need / max(float(updates), 1.0):.3g}")
+            f"so a logit cannot travel the {dist:.2f} {path} and the mask stays the init's. Raise "
+            f"module.updates_per_router (or trainer.max_steps) or module.optimizer.lr to at least "
+            f"{dist / float(lr):.0f} updates / lr {dist / max(float(updates), 1.0):.3g}")
 
 
 class RouterConvergence(L.Callback):
@@ -158,4 +173,5 @@ def recipe_reach(cfg) -> tuple[str | None, bool]:
     capped = int(trainer.max_steps) * per_iter if trainer.get("max_steps") and int(trainer.max_steps) > 0 else math.inf
     if min(stated, capped) == math.inf:
         return None, False
-    return reach_message(lr, min(stated, capped), float(cfg.policy.theta)), stated <= capped
+    theta = float(cfg.policy.theta)
+    return reach_message(lr, min(stated, capped), theta, reach_need(module, theta)), stated <= capped
