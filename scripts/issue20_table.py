@@ -33,10 +33,14 @@ def rows_of(runs: list[dict]) -> list:
             if r.train_s is None:
                 rows.append(replace(r, role=""))
                 continue
-            # one recipe per (objective, budget): settings shared by every run (noise data, batch 2, λ) and
-            # whether validation ran (it changes no router update) stay in the caption
+            # one recipe per (objective, budget, and a λ or lr other than the experiment's): settings shared by
+            # every run (noise data, batch 2) and whether validation ran (it changes no router update) stay in
+            # the caption
             objective = r.variant.get("module.objective", "l2c")
-            v = {k: r.variant[k] for k in ("module.trajectory.budget",) if k in r.variant}
+            v = {k: r.variant[k] for k in ("module.trajectory.budget", "module.optimizer.lr") if k in r.variant}
+            lam = r.variant.get("policy.lam", r.variant.get("lam"))
+            if objective == "l2c" and lam is not None:  # the λ sweep of converged L2C
+                v["lam"] = f"{float(lam):g}"
             method, title = (r.method, r.title) if objective in ("l2c", "budget") else (objective, TITLES[objective])
             params = {} if objective == "trajectory" else r.params  # theta is moved onto the budget's top-k
             rows.append(replace(r, seed=int(run["seed"]), variant=v, method=method, title=title, params=params))
