@@ -53,20 +53,20 @@ def reach_need(module, theta: float) -> tuple[float, str]:
     router routed at theta starts N(0, 1) (3 sigma to logit(theta)); the final-sample objective cuts at its
     budget (top-k), so a decision flips when a logit crosses the cut: across the searched init's +-margin,
     or across the N(0, 1) init's +-3 sigma."""
-    traj = module.get("trajectory") or {}
-    if module.get("objective") == "trajectory" and traj.get("init") == "search":
-        margin = float(traj.get("margin", 1.0))
-        return 2 * margin, f"across the searched init's +-{margin:g} to the budget's cut"
-    if module.get("objective") == "trajectory" and traj.get("constraint", "topk") == "topk":
-        return 2 * INIT_REACH, "across the N(0, 1) initial logits' +-3 sigma to the budget's cut"
+    if module.get("objective") == "trajectory":
+        traj = module.get("trajectory") or {}
+        if traj.get("init") == "search":
+            margin = float(traj.get("margin", 1.0))
+            return 2 * margin, f"across the searched init's +-{margin:g} to the budget's cut"
+        if traj.get("constraint", "topk") == "topk":
+            return 2 * INIT_REACH, "across the N(0, 1) initial logits' +-3 sigma to the budget's cut"
     return logit_distance(theta), f"the N(0, 1) initial logits need from their 3 sigma to theta (logit({theta:g}))"
 
 
 def reach_message(lr: float, updates: float, theta: float, need: tuple[float, str] | None = None) -> str | None:
     """Why ``lr x updates`` cannot decide the routers (None when it can); ``need``: :func:`reach_need`'s
     (distance, words), by default the theta-routed L2C's."""
-    dist, path = need or (logit_distance(theta), f"the N(0, 1) initial logits need from their 3 sigma to theta "
-                                                 f"(logit({theta:g}))")
+    dist, path = need or reach_need({}, theta)
     if float(lr) * float(updates) >= dist:
         return None
     return (f"lr {lr:g} x {updates:.0f} updates per router = {lr * updates:.3g}: Adam moves a logit ~lr per update, "

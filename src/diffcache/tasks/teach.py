@@ -5,8 +5,9 @@ small teachers, and that recipe must be as reproducible as the router recipes: c
 data and Trainer from config), logged to ``csv/metrics.csv``, with the usual progress lines. The module
 (:class:`~diffcache.modules.teacher_pretrain.TeacherPretrain`) samples grids from and exports the weights it
 holds at each validation; the EMA (Lightning's ``EMAWeightAveraging``), the progress line and the CSV logger
-are ``callbacks`` / ``logger`` entries of the config. This task adds the final grid and ``figures.json`` (steps, wall time, final losses, the resolved
-config), which ``scripts/train_teachers.py`` turns into the asset records.
+are ``callbacks`` / ``logger`` entries of the config. This task adds the final grid and ``figures.json``
+(steps, wall time, final losses, the resolved config), which ``scripts/train_teachers.py`` turns into the
+asset records.
 """
 from __future__ import annotations
 

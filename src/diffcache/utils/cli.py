@@ -36,6 +36,12 @@ class Rejected(BaseException):
     trimmed traceback and exits 1) lets it through to :func:`run_main`, which prints it and exits 2."""
 
 
+def _exit_with_input_error(msg: str) -> None:
+    """The one line an input error ends with, the debug hint, and exit status 2."""
+    print(f"error: {msg}\n(set DIFFCACHE_DEBUG=1 for the full traceback)", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_main(main) -> None:
     """Call an entry point's ``@hydra.main`` function, then exit with the status a callback left, if any: 2 for
     a :class:`Rejected` input or a sweep with failed jobs."""
@@ -43,8 +49,7 @@ def run_main(main) -> None:
     try:
         main()
     except Rejected as e:
-        print(f"error: {e}\n(set DIFFCACHE_DEBUG=1 for the full traceback)", file=sys.stderr)
-        sys.exit(2)
+        _exit_with_input_error(str(e))
     if _LATER:
         sys.exit(max(_LATER))
 
@@ -107,8 +112,7 @@ def user_errors():
         if _in_sweep():  # this job is over; the sweep goes on and reports it at the end
             print(f"error: {msg}", file=sys.stderr)
             return
-        print(f"error: {msg}\n(set DIFFCACHE_DEBUG=1 for the full traceback)", file=sys.stderr)
-        sys.exit(2)
+        _exit_with_input_error(msg)
     except KeyboardInterrupt:
         mark_failed(_output_dir(), "KeyboardInterrupt")
         raise
