@@ -2,6 +2,7 @@
 and the uncached DiT still computes the official block (checked against a hand-written float64 forward)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from tiny_models import bound_for_test, perturbed
@@ -111,3 +112,19 @@ def test_older_site_call_still_works():
         older = m.site(0, "mlp", blk.mlp, blk.norm2(h))
         newer = m.site(0, "mlp", Branch(blk.mlp, h, blk.norm2))
         assert torch.equal(older, newer) and torch.equal(newer, Branch(blk.mlp, h, blk.norm2)(None))
+
+
+@pytest.mark.parametrize("arch", ["tiny_dit", "tiny_uvit", "tiny_pixart"])
+def test_the_residual_stream_is_row_major_so_no_norm_copies_it(arch):
+    """The patch embedder's tokens are a transposed view of its conv output; left so, every residual add
+    keeps that layout and every LayerNorm copies its input back (issue 21's "layout copies")."""
+    m = perturbed(arch, 0, scale=0.05)
+    layouts = []
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            mod.register_forward_pre_hook(lambda mod, args: layouts.append(args[0].is_contiguous()))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, m.in_channels, m.input_size, m.input_size, generator=g)
+    with torch.no_grad():
+        m(x, torch.full((2,), 500.0), m.random_cond(2, g))
+    assert len(layouts) >= 2 * m.depth and all(layouts)

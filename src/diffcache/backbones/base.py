@@ -73,8 +73,11 @@ def modulate_tokens(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -
 
 
 def residual(x: torch.Tensor, gate: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """``x + gate * out`` as one fused op (``addcmul``); ``x + out`` without a gate."""
-    return x + out if gate is None else torch.addcmul(x, gate, out)
+    """``x + gate * out`` as one fused op (``addcmul``); ``x + out`` without a gate.
+
+    The full-size ``out`` goes first among the factors, the broadcast (B, 1, C) ``gate`` second: the same
+    product (multiplication commutes exactly), but the CPU kernel runs it about 1.5x faster that way."""
+    return x + out if gate is None else torch.addcmul(x, out, gate)
 
 
 @dataclass(frozen=True)

@@ -63,14 +63,18 @@ def sincos_pos_embed_2d(dim: int, grid: int, base_size: int, scale: float = 1.0)
 
 
 class PatchEmbed(nn.Module):
-    """timm ``PatchEmbed`` layout (key ``proj``, strided conv with bias)."""
+    """timm ``PatchEmbed`` layout (key ``proj``, strided conv with bias); tokens out as a contiguous (B, N, C).
+
+    The conv's output read as tokens is a transposed view (strides (N·C, 1, N)); elementwise ops keep
+    that layout, so the whole residual stream would inherit it and every LayerNorm would copy its input
+    back to row-major. One copy here instead of two per block."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
