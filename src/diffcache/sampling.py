@@ -54,3 +54,10 @@ def compile_backbone(backbone, backend: str = "inductor", max_graphs: int = 64):
     backbone.compile(backend=backend, dynamic=False)
     return backbone
 
+
+def uncompile_backbone(backbone):
+    """Undo :func:`compile_backbone` (``nn.Module.compile`` keeps the compiled call in ``_compiled_call_impl``):
+    after training, evaluation decides its own compilation (``eval.compile``)."""
+    backbone._compiled_call_impl = None
+    return backbone
+

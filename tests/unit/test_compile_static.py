@@ -51,3 +51,43 @@ def test_one_graph_per_distinct_decision_and_none_after_the_first_run(make):
         model._compiled_call_impl = None
         torch._dynamo.reset()
     assert torch.equal(first, eager) and torch.equal(second, eager)
+
+
+def test_router_training_compiled_learns_what_eager_learns_from_a_few_graphs(tmp_path):
+    """``module.compile``: the soft student, the recorded prefix and the teacher each trace once; the cache
+    step drawn per iteration changes no graph; the routers end where eager training ends them; the backbone
+    is handed back uncompiled (evaluation decides its own compilation)."""
+    import lightning as L
+    from torch._dynamo.utils import counters
+
+    from diffcache.data.datamodule import SyntheticData
+    from diffcache.modules.router_distill import RouterDistill
+
+    def fit(compile):
+        model, solver = perturbed("tiny_dit", 0, scale=0.05), make_solver("ddim", 10, "linear")
+        policy = L2CPolicy(solver=solver, layout=model.layout, init_seed=0)
+        module = RouterDistill(model, solver, policy, lam=1e-4, draw="batch", label_drop=0.0, compile=compile)
+        seen, distill = [], module._distill_at
+        module._distill_at = lambda m, *a: (seen.append(m), distill(m, *a))[1]
+        init = [p.detach().clone() for p in policy.parameters()]
+        L.seed_everything(0)
+        L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path).fit(
+            module, datamodule=SyntheticData(num_samples=12, batch_size=2, shuffle=False).bind(model))
+        return model, policy, seen, init
+
+    _, eager, _, init = fit(None)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        model, compiled, steps, _ = fit("aot_eager")
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert len(set(steps)) >= 3  # several cache steps were trained ...
+    assert 0 < graphs <= 3  # ... from one graph per way the step calls the backbone
+    assert model._compiled_call_impl is None
+    moved = [bool((b - p0).abs().max() > 1e-3) for b, p0 in zip(compiled.parameters(), init)]
+    assert sum(moved) == len(set(steps))  # DDIM: one router per cache step, trained where it was drawn
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

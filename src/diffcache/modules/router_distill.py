@@ -38,7 +38,7 @@ import torch
 from ..denoiser import Denoiser
 from ..policies.base import require_trainable
 from ..policies.l2c import provenance
-from ..sampling import advance
+from ..sampling import advance, compile_backbone, uncompile_backbone
 from .convergence import DRAWS, RouterConvergence, logit_distance
 from .distill_steps import cached_step_scales, step_mse, stratified_picks, trajectory_terms
 from .objectives import OBJECTIVES, budget_shift, iepo_weights
@@ -59,7 +59,7 @@ class RouterDistill(QualityValidation, L.LightningModule):
                  nonfinite: str = "error", quality=None, val_guidance: float | None = None, val_seed: int = 12345,
                  objective: str = "l2c", iepo_every: int = 500, iepo_samples: int = 8, iepo_normalize: bool = False,
                  budget_range: tuple[float, float] = (0.2, 1.0), budget_temperature: float = 1.0,
-                 trajectory: dict | None = None):
+                 trajectory: dict | None = None, compile: str | None = None):
         super().__init__()
         if draw not in DRAWS:
             raise ValueError(f"module.draw must be one of {DRAWS}, got {draw!r}")
@@ -96,6 +96,7 @@ class RouterDistill(QualityValidation, L.LightningModule):
         self.iepo_normalize, self.budget_range, self.budget_temperature = iepo_normalize, (lo, hi), budget_temperature
         self.iepo: dict[int, float] | None = None
         self.traj = TrajectoryObjective(**dict(trajectory or {})) if objective == "trajectory" else None
+        self.compile = compile
 
     # ------------------------------------------------------------------ lightning plumbing
     def on_fit_start(self) -> None:
@@ -105,6 +106,8 @@ class RouterDistill(QualityValidation, L.LightningModule):
             return
         self.scales = cached_step_scales(self.denoiser, self.solver, self.policy, self.cache_evals, self.loss_reduction,
                                          seed=self.seed)
+        if self.compile:  # after the one-off scales: one graph per way a step calls the backbone
+            compile_backbone(self.backbone, str(self.compile), max_graphs=self.solver.num_evals + 4)
 
     def configure_callbacks(self):
         """The run's length (:mod:`.convergence`): updates per router and the convergence rule."""
@@ -131,6 +134,8 @@ class RouterDistill(QualityValidation, L.LightningModule):
         self.policy.clamp_()
 
     def on_train_end(self) -> None:
+        if self.compile:
+            uncompile_backbone(self.backbone)
         if self.traj is not None:
             log.info("trajectory objective: router from %s", self.traj.finish(self))
 

@@ -108,6 +108,7 @@ class L2CPolicy(CachePolicy):
         self.routers = nn.ParameterList()
         self._cache: dict[tuple[str, int, str], torch.Tensor] = {}
         self._active: int | None = None
+        self._beta: torch.Tensor | None = None  # soft routing: sigmoid of the active router (begin)
         self._store: list[bool] | None = None  # hard full evaluation: which sites a later cache step reuses
         self._run_masks: dict[int, list[bool]] | None = None  # hard masks of the current run
         self._only: frozenset[int] | None = None  # caching_only(): cache evaluations allowed to cache
@@ -204,7 +205,7 @@ class L2CPolicy(CachePolicy):
     # ------------------------------------------------------------------ run state
     def reset(self) -> None:
         self._cache.clear()  # the same dict across runs: a compiled forward's guards stay valid
-        self._active, self._store, self._run_masks, self.decision = None, None, None, None
+        self._active, self._store, self._run_masks, self.decision, self._beta = None, None, None, None, None
 
     def begin(self, ctx: StepContext) -> None:
         super().begin(ctx)
@@ -227,7 +228,11 @@ class L2CPolicy(CachePolicy):
             for e in sched.consumers(ctx.nfe):
                 store = [a or not b for a, b in zip(store, masks[sched.router[e]])]
             self._store = store
-        self.decision = None
+        self.decision, self._beta = None, None
+        if self._active is not None and not self._hard():  # soft routing reads this vector, never the router index,
+            shift, temp, straight = self._soft  # so a compiled student is one graph for every cache step
+            b = torch.sigmoid((self.routers[self._active] - shift) / temp)
+            self._beta = (b > 0.5).to(b) + b - b.detach() if straight else b  # straight-through: hard forward
         if self._hard():  # the site reads only this (:mod:`.decision`): one compiled graph per distinct one
             full = self._active is None
             self.decision = decide(full, self._store, None if full else self._masks()[self._active], self.num_sites)
@@ -263,20 +268,15 @@ class L2CPolicy(CachePolicy):
         j = self.site_index(layer, kind)
         if self._hard() and self.decision is not None:  # decided in begin(); a reused branch is never evaluated
             return run_site(self.decision[j], self._cache, key, branch, self._graph, self._cached)
-        r = self._active
-        if r is None or self._recording:  # full evaluation (or recording): compute, refresh
+        if self._beta is None or self._recording:  # full evaluation (or recording): compute, refresh
             out = branch()
             if self._store is None or self._store[j]:
                 self._cache[key] = out if self._graph else out.detach()
             return out
         if self._hard():  # begun in train mode, then switched to hard routing
-            return branch() if self._masks()[r][j] else self._cached(key, branch.x)
+            return branch() if self._masks()[self._active][j] else self._cached(key, branch.x)
         cached = self._cached(key, branch.x)  # train: soft mix of pre-gate outputs
-        shift, temp, straight = self._soft
-        beta = torch.sigmoid((self.routers[r][j] - shift) / temp)
-        if straight:  # the hard decision forward, the sigmoid's gradient backward
-            beta = (beta > 0.5).to(beta) + beta - beta.detach()
-        beta = beta.to(cached.dtype)  # a float32 router must not promote a bf16 / fp16 model's activations
+        beta = self._beta[j].to(cached.dtype)  # a float32 router must not promote a bf16 / fp16 model's activations
         return beta * branch() + (1 - beta) * cached
 
     def _cached(self, key, h: torch.Tensor) -> torch.Tensor:
