@@ -7,7 +7,7 @@ eager and torch.compile (inductor, batch 1; all batches with --full); the shippe
 U-ViT DPM-Solver-2, batch 8, real weights) and cache-dit's DBCache on the MNIST DiT with MNIST-FID; peers (ours vs diffusers DiT and
 PixArt forward, cache-dit DBCache); router-training throughput; scaling PNG. ``gpu`` (``make bench-gpu``):
 DiT-XL/2 with the released routers, bf16 weights, batch 1/8/32, compile; peers in fp32 and bf16; training at
-batch 8/64 with MFU (``--smoke``: the same path on a tiny model, on any device). Everything lands in ``benchmarks/results/`` as JSON + Markdown (``summary.md`` collects it).
+batch 8/64/256 (eager and compiled) with MFU (``--smoke``: the same path on a tiny model, on any device). Everything lands in ``benchmarks/results/`` as JSON + Markdown (``summary.md`` collects it).
 Figures are ratios measured in one run on whatever machine ran it; nothing here asserts a timing.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from diffcache.utils.record import provenance
 
 from . import cache_dit_mnist, peers, reuse, scaling, speed, train
-from .common import RESULTS, machine, save, track_freed_memory
+from .common import RESULTS, machine, save
 from .profile import profile_low_efficiency
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,8 +88,10 @@ def cpu_set(args) -> dict:
         md += ["## Peers (same weights)", text]
     times["train"] = time.perf_counter()
     if "train" in args.only:
-        cfgs = (("tiny_dit", 8), (args.arch, 2), (args.arch, 8))
-        rows = train.run(cfgs, device="cpu", repeats=args.repeats, search_samples=16 if args.full else 8)
+        cfgs = (("tiny_dit", 8, "fp32"), (args.arch, 8, "fp32"), (args.arch, 8, "bf16"), (args.arch, 8, "bf16", "sample"))
+        cfgs += ((args.arch, 64, "bf16"),) if args.full else ()
+        rows = train.run(cfgs, device="cpu", repeats=args.repeats, search_samples=16 if args.full else 8,
+                         compile="inductor" if args.full and not args.no_compile else None)
         out["train"] = rows
         save("train", {"rows": rows}, train.table(rows), args.out)
         md += ["## Router-training throughput", train.table(rows)]
@@ -141,12 +143,12 @@ def gpu_set(args) -> dict:
         save("peers_gpu", out["peers"], peers.table(rows), args.out)
         md += ["## Peers (GPU, fp32 and bf16)", peers.table(rows)]
     if "train" in args.only:
-        cfgs = ((arch, 2),) if smoke else ((arch, 8), (arch, 64))
-        rows = train.run(cfgs, device=dev.type, bf16=True, repeats=1 if smoke else args.repeats,
-                         peak_tflops=args.peak_tflops, search_samples=0 if smoke else 16)
+        cfgs = ((arch, 2, "bf16"),) if smoke else tuple((arch, b, "bf16") for b in (8, 64, 256)) + ((arch, 64, "bf16", "sample"),)
+        rows = train.run(cfgs, device=dev.type, repeats=1 if smoke else args.repeats, peak_tflops=args.peak_tflops,
+                         search_samples=0 if smoke else 16, compile=None if no_compile else "inductor")
         out["train"] = rows
         save("train_gpu", {"rows": rows}, train.table(rows), args.out)
-        md += ["## Router-training throughput (GPU, bf16 autocast)", train.table(rows)]
+        md += ["## Router-training throughput (GPU, bf16 weights)", train.table(rows)]
     return {"sections": out, "markdown": md}
 
 
@@ -172,7 +174,6 @@ def main(argv=None) -> None:
     args.command, args.load = "python -m benchmarks " + " ".join(given or [args.set]), os.getloadavg()[0]
     if args.threads:
         torch.set_num_threads(args.threads)
-    track_freed_memory()
     if args.set == "gpu" and not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("bench-gpu needs a CUDA device; none is visible (run `make bench` for the CPU set)")
     dev = torch.device("cuda" if args.set == "gpu" and torch.cuda.is_available() else "cpu")

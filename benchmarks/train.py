@@ -3,9 +3,17 @@ AdamW on the routers), samples/s, peak memory and MFU.
 
 The step is the faithful one (random latents stand in for x0): a recorded full evaluation, the teacher and
 the soft student (3 forwards, CFG-free) plus the backward through the student to the routers (about one
-forward of activation gradients: the backbone is frozen, so no weight gradients). MFU = those analytic
-FLOPs (2 x MACs of 4 forwards) per second over the device peak (``--peak-tflops`` or the table below;
-on CPU no peak is assumed and MFU is left out).
+forward of activation gradients: the backbone is frozen, so no weight gradients). That is the least an L2C
+step can evaluate: the teacher and the cache both need a full evaluation, the student is the one trained.
+Variants: the backbone held in ``fp32`` or ``bf16`` (``backbone.dtype``: weights stored in bf16, no autocast
+copies), eager or compiled (``module.compile``: the same :func:`~diffcache.sampling.compile_backbone`), and
+the cache-step draw (``batch``: L2C's one per batch, 3 forwards at the full batch; ``sample``: the default
+recipe's one per sample, 3 forwards per distinct step drawn, each on its share of the batch).
+
+MFU = those analytic FLOPs (2 x MACs of 4 forwards) per second over a peak: the card's dense bf16 spec on a
+GPU (``--peak-tflops`` or the table below), and on a CPU the rate this machine reaches on a large dense
+matmul in the row's dtype, measured in the same run (so the CPU figure reads "share of what this CPU's
+GEMMs can do", not a spec).
 """
 from __future__ import annotations
 
@@ -17,32 +25,46 @@ import torch
 from diffcache.backbones import load_backbone
 from diffcache.metrics.cost import forward_cost
 from diffcache.policies.l2c import L2CPolicy
+from diffcache.sampling import compile_backbone
 from diffcache.solvers import make_solver
 
 from .common import markdown_table, peak_memory
 from diffcache.metrics.latency import measure
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def device_peak(dev: torch.device, override: float | None = None) -> float | None:
+def device_peak(dev: torch.device, dtype: torch.dtype, override: float | None = None) -> tuple[float | None, str]:
+    """(peak TFLOP/s, where it comes from)."""
     if override:
-        return float(override)
-    if dev.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(dev)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        return float(override), "--peak-tflops"
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        return next(((v, f"{k} dense bf16 spec") for k, v in PEAK_TFLOPS.items() if k in name), (None, "unknown card"))
+    return matmul_rate(dev, dtype), f"measured {str(dtype).replace('torch.', '')} matmul"
 
 
-def step_fn(arch: str, batch: int, dev: torch.device, steps: int = 20, bf16: bool = False, **overrides):
+def matmul_rate(dev: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """TFLOP/s of an n x n x n matmul in ``dtype`` on ``dev`` (best of ``repeats``): the CPU's reachable peak."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dev, dtype) for _ in range(2))
+    best = measure(lambda: a @ b, repeats=repeats, warmup=1, device=dev)["min_s"]
+    return 2 * n ** 3 / best / 1e12
+
+
+def step_fn(arch: str, batch: int, dev: torch.device, steps: int = 20, dtype: str = "fp32", compile: str | None = None,
+            draw: str = "batch", **overrides):
     """(backbone, one training step as a closure); ``overrides`` go to the backbone factory (input_size, depth)."""
     from diffcache.modules.router_distill import RouterDistill
 
-    model = load_backbone(arch, random_init=True, **overrides).to(dev)
+    model = load_backbone(arch, random_init=True, dtype=dtype, **overrides).to(dev)
     solver = make_solver("ddim", steps, schedule="linear")
     policy = L2CPolicy(solver=solver, layout=model.layout, init_seed=0, clamp=5.0).to(dev)
-    module = RouterDistill(model, solver, policy, lam=1e-6, draw="batch").to(dev)  # L2C: one cache step per batch
+    module = RouterDistill(model, solver, policy, lam=1e-6, draw=draw).to(dev)
     module.log = module.log_dict = lambda *a, **k: None  # outside a Trainer
+    if compile:  # what module.compile does in on_fit_start
+        compile_backbone(model, compile, max_graphs=solver.num_evals + 4)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     shape = (batch, model.in_channels, model.input_size, model.input_size)
@@ -51,8 +73,7 @@ def step_fn(arch: str, batch: int, dev: torch.device, steps: int = 20, bf16: boo
 
     def step():
         module.on_train_batch_start(data, 0)  # as Lightning calls it: soft routing (train mode) for the step
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = module.training_step(data, 0)
+        loss = module.training_step(data, 0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -62,24 +83,32 @@ def step_fn(arch: str, batch: int, dev: torch.device, steps: int = 20, bf16: boo
     return model, step
 
 
-def run(configs=(("tiny_dit", 8), ("DiT-S/2", 2), ("DiT-S/2", 8)), device: str = "cpu", bf16: bool = False,
-        repeats: int = 3, peak_tflops: float | None = None, search_samples: int = 16) -> list[dict]:
+def run(configs=(("tiny_dit", 8, "fp32"), ("DiT-S/2", 8, "fp32"), ("DiT-S/2", 8, "bf16"), ("DiT-S/2", 8, "bf16", "sample")),
+        device: str = "cpu", repeats: int = 3, peak_tflops: float | None = None, search_samples: int = 16,
+        compile: str | None = None) -> list[dict]:
+    """One row per config ``(arch, batch, dtype[, draw])``; ``compile``: a compiled row after each eager one."""
     dev = torch.device(device)
-    peak = device_peak(dev, peak_tflops)
     rows = []
-    for arch, bs in configs:
-        model, step = step_fn(arch, bs, dev, bf16=bf16)
-        lat = measure(step, repeats=repeats, warmup=1, device=dev)
-        _, mem = peak_memory(step, dev)
-        flops = 2 * 4 * forward_cost(model, "l2c", batch=bs)
-        row = {"arch": arch, "batch": bs, "device": str(dev), "bf16": bf16,
-               "step_s": round(lat["median_s"], 4), "min_s": round(lat["min_s"], 4), "max_s": round(lat["max_s"], 4),
-               "samples_per_s": round(bs / lat["median_s"], 2), "peak_mib": round(mem, 1),
-               "achieved_tflops": round(flops / lat["median_s"] / 1e12, 4),
-               "mfu": round(flops / lat["median_s"] / 1e12 / peak, 3) if peak else None}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del model, step
+    for arch, bs, dtype, *rest in configs:
+        draw = rest[0] if rest else "batch"
+        for backend in (None, compile) if compile else (None,):
+            t0 = time.perf_counter()
+            model, step = step_fn(arch, bs, dev, dtype=dtype, compile=backend, draw=draw)
+            step()  # compiles here when compiled
+            first_s = time.perf_counter() - t0
+            lat = measure(step, repeats=repeats, warmup=1, device=dev)
+            _, mem = peak_memory(step, dev)
+            peak, source = device_peak(dev, DTYPES[dtype], peak_tflops)
+            tflops = 2 * 4 * forward_cost(model, "l2c", batch=bs) / lat["median_s"] / 1e12
+            row = {"arch": arch, "batch": bs, "device": str(dev), "dtype": dtype, "mode": backend or "eager",
+                   "draw": draw, "bf16": dtype == "bf16", "first_step_s": round(first_s, 2),
+                   "step_s": round(lat["median_s"], 4), "min_s": round(lat["min_s"], 4), "max_s": round(lat["max_s"], 4),
+                   "samples_per_s": round(bs / lat["median_s"], 2), "peak_mib": round(mem, 1),
+                   "achieved_tflops": round(tflops, 4), "peak_tflops": round(peak, 2) if peak else None,
+                   "peak_source": source, "mfu": round(tflops / peak, 3) if peak else None}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model, step
     if search_samples:
         rows.append(search_run(num_samples=search_samples, device=str(dev)))
     return rows
@@ -105,9 +134,10 @@ def search_run(arch: str = "mnist_dit", steps: int = 20, num_samples: int = 16, 
     return row
 
 
-COLUMNS = [("arch", "arch"), ("batch", "batch"), ("bf16", "bf16"), ("step s, median", "step_s"),
-           ("samples/s", "samples_per_s"), ("peak MiB", "peak_mib"), ("TFLOP/s", "achieved_tflops"),
-           ("MFU", "mfu"), ("status", "status")]
+COLUMNS = [("arch", "arch"), ("batch", "batch"), ("weights", "dtype"), ("mode", "mode"), ("draw", "draw"),
+           ("first step s (compile)", "first_step_s"), ("step s, median", "step_s"), ("samples/s", "samples_per_s"),
+           ("peak MiB", "peak_mib"), ("TFLOP/s", "achieved_tflops"), ("peak TFLOP/s", "peak_tflops"),
+           ("peak from", "peak_source"), ("MFU", "mfu"), ("status", "status")]
 
 
 def table(rows: list[dict]) -> str:
