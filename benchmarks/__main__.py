@@ -50,7 +50,7 @@ def cpu_set(args) -> dict:
             rows += speed.run(args.arch, steps=steps, batches=batches, device="cpu", guidance=args.guidance,
                               repeats=args.repeats, compile_modes=() if args.no_compile else ("regional", "whole"),
                               compile_batches=batches if args.full else (1,),
-                              whole_policies=("full", "l2c", "toca", "fora") if args.full else ("full",),
+                              whole_policies=("full", "l2c", "toca", "fora") if args.full else ("full", "l2c", "fora"),
                               regional_policies=("full", "l2c", "toca", "fora") if args.full else ("full", "l2c", "fora"),
                               search_samples=2 if args.full else 1)
         profs = profile_low_efficiency(rows, args.profile_below, args.out, args.guidance,

@@ -30,7 +30,7 @@ from diffcache.backbones import load_backbone
 from diffcache.metrics.cost import policy_cost
 from diffcache.context import StepContext
 from diffcache.policies.l2c import L2CPolicy
-from diffcache.sampling import sample
+from diffcache.sampling import compile_backbone, sample, uncompile_backbone
 from diffcache.tasks.methods import Context
 from diffcache.tasks.methods import candidates as method_candidates
 
@@ -194,8 +194,11 @@ class Compiled:
         counters.clear()
         self._prev = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = self.limit
-        for m in self.parts:
-            m.compile(backend=self.backend)
+        if self.regional:
+            for m in self.parts:
+                m.compile(backend=self.backend)
+        else:  # exactly what eval.compile does
+            compile_backbone(self.model, self.backend, self.limit)
         return self
 
     def graphs(self) -> int:
@@ -205,7 +208,7 @@ class Compiled:
 
     def __exit__(self, *exc):
         for m in self.parts:
-            m._compiled_call_impl = None
+            uncompile_backbone(m)
         torch._dynamo.config.recompile_limit = self._prev
         torch._dynamo.reset()
 
