@@ -36,7 +36,8 @@ def test_resume_from_shards_gives_the_same_set(tmp_path):
     assert full["index"].tolist() == list(range(10)) and full["samples"].shape == (10, 4, 8, 8)
     # "kill" it: the last shard never got written, only its temp file exists (writes are atomic renames)
     shard_path(tmp_path / "a", 2).unlink()
-    shard_path(tmp_path / "a", 2).with_suffix(".tmp999").write_bytes(b"half a shard")
+    last = shard_path(tmp_path / "a", 2)
+    last.with_name(last.name + ".tmp999").write_bytes(b"half a shard")
     mtime = shard_path(tmp_path / "a", 0).stat().st_mtime_ns
     s2 = _run(tmp_path / "a", policy=FORAPolicy(2))
     assert shard_path(tmp_path / "a", 0).stat().st_mtime_ns == mtime  # done shards are not recomputed
@@ -72,3 +73,20 @@ def test_pixel_shards_export_to_adm_npz(tmp_path):
     r = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "missing"), str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: no sample shards")
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file_whole(tmp_path):
+    from diffcache.utils.atomic import write_atomically
+
+    path = write_atomically(tmp_path / "sub" / "x.pt", lambda tmp: torch.save({"v": 1}, tmp))
+    assert torch.load(path) == {"v": 1} and [p.name for p in path.parent.iterdir()] == ["x.pt"]
+
+    def dies(tmp):
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    try:
+        write_atomically(path, dies)
+    except KeyboardInterrupt:
+        pass
+    assert torch.load(path) == {"v": 1}  # the reader still sees the whole old file

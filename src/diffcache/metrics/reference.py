@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.atomic import write_atomically
 from .frechet import feature_stats
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -154,11 +155,8 @@ def load_reference(path: str | os.PathLike, extractor: nn.Module, cache_dir: str
             with np.load(p, allow_pickle=False) as z:
                 feats = extract_features(_npz_batches(z["arr_0"], batch_size, channels), extractor)
         mu, sigma = feature_stats(feats)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, mu=mu.numpy(), sigma=sigma.numpy(), features=feats.numpy(), extractor=np.array(ident),
-                 source=np.array(str(p)))
-        os.replace(tmp, cached)  # atomic: a killed run never leaves a half-written cache entry
+        write_atomically(cached, lambda tmp: np.savez(tmp, mu=mu.numpy(), sigma=sigma.numpy(), features=feats.numpy(),
+                                                      extractor=np.array(ident), source=np.array(str(p))), ".npz")
     if stored is not None:  # as ADM: FID against the stored statistics, precision/recall on arr_0's features
         mu, sigma = stored
     return ReferenceStats(mu.double(), sigma.double(), feats.float(), str(p), str(cached))

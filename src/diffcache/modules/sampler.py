@@ -10,7 +10,6 @@ resumes and ends with the same set. :func:`gather` reads them back in index orde
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.seeded import seeded_inputs, step_generators
 from ..sampling import sample
+from ..utils.atomic import write_atomically
 
 
 def shard_path(root: Path, shard: int) -> Path:
@@ -48,10 +48,7 @@ class ShardWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if prediction is None:
             return
-        path = shard_path(self.out_dir, int(batch))
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(prediction, tmp)
-        os.replace(tmp, path)
+        write_atomically(shard_path(self.out_dir, int(batch)), lambda tmp: torch.save(prediction, tmp))
 
 
 class ShardedSampler(L.LightningModule):

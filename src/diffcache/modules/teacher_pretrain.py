@@ -16,7 +16,6 @@ the callback has swapped them back (``raw_<name>`` in the log folder, for diagno
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +24,7 @@ import torch
 from ..sampling import sample
 from ..solvers.ddim import DDIM
 from ..solvers.dpm_solver import DPMSolver2
+from ..utils.atomic import write_atomically
 from ..utils.resolvers import conf_dir
 from .diffusion_loss import GaussianDiffusionLoss
 
@@ -137,8 +137,5 @@ class TeacherPretrain(L.LightningModule):
 
     def export(self, path: Path) -> None:
         """The backbone's weights as a plain state dict with the official key names (atomic write)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        sd = self.backbone.state_dict()
-        torch.save({k: v.detach().cpu().clone() for k, v in sd.items()}, tmp)
-        os.replace(tmp, path)
+        sd = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
+        write_atomically(path, lambda tmp: torch.save(sd, tmp))

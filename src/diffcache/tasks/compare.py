@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from ..data.seeded import seeded_inputs, step_generators
 from ..metrics.cost import policy_cost
 from ..metrics.latency import measure
 from ..sampling import sample
+from ..utils.atomic import write_atomically
 from ..utils.build import build_solver
 from ..utils.console import setup_console
 from ..utils.grids import class_labels, labelled_grid
@@ -90,10 +90,8 @@ class RowCache:
     def put(self, key: str, row: Row, grid: torch.Tensor) -> None:
         """Store the record without its role (the role belongs to the run that shows it)."""
         if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._path(key).with_suffix(".tmp")
-            torch.save({"row": json.dumps(replace(row, role="").to_dict()), "grid": grid.detach().cpu().clone()}, tmp)
-            os.replace(tmp, self._path(key))
+            blob = {"row": json.dumps(replace(row, role="").to_dict()), "grid": grid.detach().cpu().clone()}
+            write_atomically(self._path(key), lambda tmp: torch.save(blob, tmp))
 
 
 def _measure(ctx: Context, cand, teacher, quality, reference: Row | None) -> tuple[Row, torch.Tensor]:
