@@ -84,31 +84,30 @@ def step_fn(arch: str, batch: int, dev: torch.device, steps: int = 20, dtype: st
 
 
 def run(configs=(("tiny_dit", 8, "fp32"), ("DiT-S/2", 8, "fp32"), ("DiT-S/2", 8, "bf16"), ("DiT-S/2", 8, "bf16", "sample")),
-        device: str = "cpu", repeats: int = 3, peak_tflops: float | None = None, search_samples: int = 16,
-        compile: str | None = None) -> list[dict]:
-    """One row per config ``(arch, batch, dtype[, draw])``; ``compile``: a compiled row after each eager one."""
+        device: str = "cpu", repeats: int = 3, peak_tflops: float | None = None, search_samples: int = 16) -> list[dict]:
+    """One row per config ``(arch, batch, dtype[, draw[, compile backend]])`` (draw ``batch`` and eager unless given)."""
     dev = torch.device(device)
     rows = []
     for arch, bs, dtype, *rest in configs:
         draw = rest[0] if rest else "batch"
-        for backend in (None, compile) if compile else (None,):
-            t0 = time.perf_counter()
-            model, step = step_fn(arch, bs, dev, dtype=dtype, compile=backend, draw=draw)
-            step()  # compiles here when compiled
-            first_s = time.perf_counter() - t0
-            lat = measure(step, repeats=repeats, warmup=1, device=dev)
-            _, mem = peak_memory(step, dev)
-            peak, source = device_peak(dev, DTYPES[dtype], peak_tflops)
-            tflops = 2 * 4 * forward_cost(model, "l2c", batch=bs) / lat["median_s"] / 1e12
-            row = {"arch": arch, "batch": bs, "device": str(dev), "dtype": dtype, "mode": backend or "eager",
-                   "draw": draw, "bf16": dtype == "bf16", "first_step_s": round(first_s, 2),
-                   "step_s": round(lat["median_s"], 4), "min_s": round(lat["min_s"], 4), "max_s": round(lat["max_s"], 4),
-                   "samples_per_s": round(bs / lat["median_s"], 2), "peak_mib": round(mem, 1),
-                   "achieved_tflops": round(tflops, 4), "peak_tflops": round(peak, 2) if peak else None,
-                   "peak_source": source, "mfu": round(tflops / peak, 3) if peak else None}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del model, step
+        backend = rest[1] if len(rest) > 1 else None
+        t0 = time.perf_counter()
+        model, step = step_fn(arch, bs, dev, dtype=dtype, compile=backend, draw=draw)
+        step()  # compiles here when compiled
+        first_s = time.perf_counter() - t0
+        lat = measure(step, repeats=repeats, warmup=1, device=dev)
+        _, mem = peak_memory(step, dev)
+        peak, source = device_peak(dev, DTYPES[dtype], peak_tflops)
+        tflops = 2 * 4 * forward_cost(model, "l2c", batch=bs) / lat["median_s"] / 1e12
+        row = {"arch": arch, "batch": bs, "device": str(dev), "dtype": dtype, "mode": backend or "eager",
+               "draw": draw, "bf16": dtype == "bf16", "first_step_s": round(first_s, 2),
+               "step_s": round(lat["median_s"], 4), "min_s": round(lat["min_s"], 4), "max_s": round(lat["max_s"], 4),
+               "samples_per_s": round(bs / lat["median_s"], 2), "peak_mib": round(mem, 1),
+               "achieved_tflops": round(tflops, 4), "peak_tflops": round(peak, 2) if peak else None,
+               "peak_source": source, "mfu": round(tflops / peak, 3) if peak else None}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model, step
     if search_samples:
         rows.append(search_run(num_samples=search_samples, device=str(dev)))
     return rows
