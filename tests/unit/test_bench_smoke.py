@@ -37,3 +37,15 @@ def test_reuse_proxy_sees_no_branch_op_in_a_fully_reused_evaluation():
     assert row["skippable_share_full"] > 0 and 0 < row["floor_macs"] < 1  # the full forward has them
     # what remains is the gated residual adds, one per branch per block (the time-ranked top ops vary by run)
     assert row["gated_adds_reused"] == len(model.cache_sites()) == 2 * model.depth
+
+
+def test_training_benchmark_times_a_compiled_step():
+    """A config naming a backend times the step compiled as ``module.compile`` does (here ``aot_eager``:
+    tracing and autograd, no code generation); the row says so."""
+    from benchmarks import train
+
+    try:
+        rows = train.run((("tiny_dit", 2, "fp32", "batch", "aot_eager"),), repeats=1, search_samples=0)
+    finally:
+        torch._dynamo.reset()
+    assert rows[0]["mode"] == "aot_eager" and rows[0]["draw"] == "batch" and rows[0]["samples_per_s"] > 0
