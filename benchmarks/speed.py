@@ -114,23 +114,28 @@ def candidates(arch: str, steps: int, routers: Path | None, model=None, search_s
         note = l2c_note if r.method == "l2c" else r.label
         if r.method == "steps":
             note += ": the fewest steps with the L2C row's MACs"
-        make = (lambda c=cand: c.policy) if cand.make is None else _timed(cand, model, note)
+        make = (lambda c=cand: c.policy) if cand.make is None else _Timed(cand, model, note)
         rows.append(dict(policy=label, solver=cand.solver, make=make, note=make.note if cand.make else note))
     return rows
 
 
-def _timed(cand, model, note: str):
-    """``make()`` for a row built when measured (a search): the policy; its build time goes into the note."""
-    def make():
-        if "policy" not in state:
-            t0 = time.perf_counter()
-            state["policy"], _ = cand.make(model)
-            state["note"] = f"{note}; searched in {time.perf_counter() - t0:.1f} s"
-        return state["policy"]
+class _Timed:
+    """``make()`` for a row built when measured (a search): the policy, built once; :meth:`note` adds its
+    build time once it is known."""
 
-    state: dict = {}
-    make.note = lambda: state.get("note", note)
-    return make
+    def __init__(self, cand, model, note: str):
+        self.cand, self.model, self.base = cand, model, note
+        self.policy, self.build_s = None, None
+
+    def __call__(self):
+        if self.build_s is None:
+            t0 = time.perf_counter()
+            self.policy, _ = self.cand.make(self.model)
+            self.build_s = time.perf_counter() - t0
+        return self.policy
+
+    def note(self) -> str:
+        return self.base if self.build_s is None else f"{self.base}; searched in {self.build_s:.1f} s"
 
 
 # ============================================================================================ compile
