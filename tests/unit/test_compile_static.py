@@ -10,7 +10,7 @@ from tiny_models import perturbed
 from diffcache.context import StepContext
 from diffcache.policies.fora import FORAPolicy
 from diffcache.policies.l2c import L2CPolicy
-from diffcache.sampling import compile_backbone, sample
+from diffcache.sampling import compile_backbone, sample, uncompile_backbone
 from diffcache.solvers import make_solver
 
 
@@ -48,7 +48,7 @@ def test_one_graph_per_distinct_decision_and_none_after_the_first_run(make):
         assert graphs == len(expect)
         assert counters["stats"]["unique_graphs"] == graphs  # a second run compiles nothing
     finally:
-        model._compiled_call_impl = None
+        uncompile_backbone(model)
         torch._dynamo.reset()
     assert torch.equal(first, eager) and torch.equal(second, eager)
 
@@ -91,3 +91,27 @@ def test_router_training_compiled_learns_what_eager_learns_from_a_few_graphs(tmp
     assert sum(moved) == len(set(steps))  # DDIM: one router per cache step, trained where it was drawn
     for a, b in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_router_training_compiles_the_final_sample_objective_too(tmp_path):
+    """``module.compile`` holds for ``objective=trajectory`` as well (its set-up runs eagerly first)."""
+    import lightning as L
+    from torch._dynamo.utils import counters
+
+    from diffcache.data.datamodule import SyntheticData
+    from diffcache.modules.router_distill import RouterDistill
+
+    model, solver = perturbed("tiny_dit", 0, scale=0.05), make_solver("ddim", 6, "linear")
+    policy = L2CPolicy(solver=solver, layout=model.layout, init_seed=0)
+    module = RouterDistill(model, solver, policy, objective="trajectory", label_drop=0.0, compile="aot_eager",
+                           trajectory=dict(budget=0.8, pool=4, select_every=0, scale_samples=2))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path).fit(
+            module, datamodule=SyntheticData(num_samples=4, batch_size=2).bind(model))
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs > 0 and model._compiled_call_impl is None

@@ -103,10 +103,10 @@ class RouterDistill(QualityValidation, L.LightningModule):
         self.backbone.to(self.device)
         if self.traj is not None:
             self.traj.setup(self, fresh=self.global_step == 0)
-            return
-        self.scales = cached_step_scales(self.denoiser, self.solver, self.policy, self.cache_evals, self.loss_reduction,
-                                         seed=self.seed)
-        if self.compile:  # after the one-off scales: one graph per way a step calls the backbone
+        else:
+            self.scales = cached_step_scales(self.denoiser, self.solver, self.policy, self.cache_evals,
+                                             self.loss_reduction, seed=self.seed)
+        if self.compile:  # after the one-off set-up: one graph per way a step calls the backbone
             compile_backbone(self.backbone, str(self.compile), max_graphs=self.solver.num_evals + 4)
 
     def configure_callbacks(self):
